@@ -1,0 +1,1 @@
+"""The training program: entry point, loop, models and TTT patching, data, checkpoints, logging."""

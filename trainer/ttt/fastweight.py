@@ -1,0 +1,186 @@
+"""The fast-weight write/read of a TTT MLP: a memory-lean chunk scan and its prefix-sum reference.
+
+With Z (S x h) the gated MLP activations and V (S x d) the value targets, chunk c of a document reads
+the writes of strictly earlier chunks of the same document:
+
+    dW_c = lr * V_c^T Z_c                       (d x h)
+    O_c  = Z_c (sum_{c' < c} dW_c')^T           (the fast part; the caller adds Z_c W_0^T)
+
+`chunk_scan` walks the layout's segments keeping O(1) d x h states per row (accumulated in fp32, or
+fp64 for fp64 inputs); its backward recomputes the states with a second forward walk and runs the
+reverse scan for the state gradients, so no per-chunk weight is ever stored. `naive_fastweight` is
+the prefix-sum formulation that materializes every chunk's weight; it is the reference for tests
+and the baseline of `tools/bench_fastweight.py`.
+
+The state is a pair (committed, pending): `committed` holds the writes of finished chunks, `pending`
+the partial write of a chunk that is still open at the end of the sequence. Under context
+parallelism a chunk can straddle two ranks: the next rank reads `committed` for the rest of that
+chunk and adds `pending` into the write when the chunk closes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from trainer.ttt.layout import ChunkLayout, RowGroup, Segment
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """States accumulate in at least fp32; fp64 stays fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def clip_delta(delta: torch.Tensor, tau: float) -> torch.Tensor:
+    """Scale each (d x h) delta whose Frobenius norm exceeds tau down to norm tau."""
+    norm = torch.linalg.matrix_norm(delta, keepdim=True)
+    return delta * torch.clamp(tau / norm.clamp_min(torch.finfo(delta.dtype).tiny), max=1.0)
+
+
+def chunk_scan(
+    z: torch.Tensor,
+    v: torch.Tensor,
+    layout: ChunkLayout,
+    lr: float,
+    clip: float | None = None,
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Fast part of the TTT MLP output, (B, S, d) in z's dtype, and the final (committed, pending) state.
+
+    `state` is the (committed, pending) pair the sequence starts from, each (B, d, h); zero if None.
+    """
+    out, committed, pending = _ChunkScan.apply(z, v, *(state or (None, None)), layout.groups, lr, clip)
+    return out, (committed, pending)
+
+
+def _initial_state(tensor, rows, batch, d, h, like, dtype):
+    if tensor is None:
+        return like.new_zeros(batch, d, h, dtype=dtype)
+    return tensor[rows].to(dtype).clone()
+
+
+def _walk(z, v, committed, pending, segments: Sequence[Segment], lr, clip) -> Iterator[tuple[Segment, torch.Tensor | None]]:
+    """Run the state recurrence in place, yielding each segment with the committed state it reads
+    (None when that state is known to be zero). `committed`/`pending` hold the final state after."""
+    acc = committed.dtype
+    reads_zero = False
+    for seg in segments:
+        if seg.resets:
+            committed.zero_()
+            pending.zero_()
+            reads_zero = True
+        yield seg, None if reads_zero else committed
+        zc, vc = z[:, seg.start : seg.end].to(acc), v[:, seg.start : seg.end].to(acc)
+        write = torch.baddbmm(pending, vc.mT, zc, alpha=lr)  # pending part of the chunk + this segment
+        if seg.closes:
+            committed.add_(write if clip is None else clip_delta(write, clip))
+            pending.zero_()
+            reads_zero = False
+        else:
+            pending.copy_(write)
+
+
+class _ChunkScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, v, committed_in, pending_in, groups: tuple[RowGroup, ...], lr, clip):
+        batch, seq, h = z.shape
+        d = v.shape[-1]
+        acc = accumulation_dtype(z.dtype)
+        out = z.new_zeros(batch, seq, d, dtype=acc)
+        committed_out = z.new_empty(batch, d, h, dtype=acc)
+        pending_out = z.new_empty(batch, d, h, dtype=acc)
+        for group in groups:
+            zg, vg, og = z[group.rows], v[group.rows], out[group.rows]
+            committed = _initial_state(committed_in, group.rows, zg.shape[0], d, h, z, acc)
+            pending = _initial_state(pending_in, group.rows, zg.shape[0], d, h, z, acc)
+            for seg, state in _walk(zg, vg, committed, pending, group.segments, lr, clip):
+                if state is not None:
+                    torch.bmm(zg[:, seg.start : seg.end].to(acc), state.mT, out=og[:, seg.start : seg.end])
+            committed_out[group.rows] = committed
+            pending_out[group.rows] = pending
+        ctx.save_for_backward(z, v, committed_in, pending_in)
+        ctx.groups, ctx.lr, ctx.clip = groups, lr, clip
+        return out.to(z.dtype), committed_out, pending_out
+
+    @staticmethod
+    def backward(ctx, g_out, g_committed, g_pending):
+        if ctx.clip is not None:
+            raise RuntimeError("ttt.clip is an inference-time option; the chunk scan has no backward with clip")
+        z, v, committed_in, pending_in = ctx.saved_tensors
+        groups, lr = ctx.groups, ctx.lr
+        batch, seq, h = z.shape
+        d = v.shape[-1]
+        acc = accumulation_dtype(z.dtype)
+        gz = torch.zeros(batch, seq, h, dtype=acc, device=z.device)
+        gv = torch.zeros(batch, seq, d, dtype=acc, device=z.device)
+        g_committed_in = z.new_zeros(batch, d, h, dtype=acc)
+        g_pending_in = z.new_zeros(batch, d, h, dtype=acc)
+        for group in groups:
+            zg, vg, gog = z[group.rows], v[group.rows], g_out[group.rows]
+            gzg, gvg = gz[group.rows], gv[group.rows]
+            # Pass 1, forward: the read O = Z D^T sends gO D to Z; recompute D on the way.
+            committed = _initial_state(committed_in, group.rows, zg.shape[0], d, h, z, acc)
+            pending = _initial_state(pending_in, group.rows, zg.shape[0], d, h, z, acc)
+            for seg, state in _walk(zg, vg, committed, pending, group.segments, lr, None):
+                if state is not None:
+                    gzg[:, seg.start : seg.end].baddbmm_(gog[:, seg.start : seg.end].to(acc), state)
+            # Pass 2, reverse: state gradients flow from later segments to earlier ones.
+            g_c = g_committed[group.rows].to(acc).clone()
+            g_p = g_pending[group.rows].to(acc).clone()
+            for seg in reversed(group.segments):
+                sl = slice(seg.start, seg.end)
+                zc, vc, goc = zg[:, sl].to(acc), vg[:, sl].to(acc), gog[:, sl].to(acc)
+                g_write = g_c if seg.closes else g_p
+                torch.bmm(zc, g_write.mT, out=gvg[:, sl])
+                gvg[:, sl].mul_(lr)
+                gzg[:, sl].baddbmm_(vc, g_write, alpha=lr)
+                if seg.closes:
+                    g_p.copy_(g_c)  # the pending part entering a closing chunk lands in committed
+                g_c.baddbmm_(goc.mT, zc)
+                if seg.resets:
+                    g_c.zero_()
+                    g_p.zero_()
+            g_committed_in[group.rows] = g_c
+            g_pending_in[group.rows] = g_p
+        return (
+            gz.to(z.dtype),
+            gv.to(v.dtype),
+            None if committed_in is None else g_committed_in.to(committed_in.dtype),
+            None if pending_in is None else g_pending_in.to(pending_in.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def naive_fastweight(
+    z: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor, chunk_size: int, lr: float, clip: float | None = None
+) -> torch.Tensor:
+    """Reference: the prefix-sum formulation, one document at a time, materializing every chunk's weight.
+
+    Documents start where `position_ids` break their +1 steps (and at each row's start); chunk c of
+    a document covers its positions [cC, (c+1)C).
+    """
+    position_ids = position_ids.expand(z.shape[0], -1)
+    out = torch.zeros(*z.shape[:-1], v.shape[-1], dtype=z.dtype, device=z.device)
+    for b in range(z.shape[0]):
+        pos = position_ids[b]
+        starts = [0] + [t for t in range(1, pos.numel()) if pos[t] != pos[t - 1] + 1] + [pos.numel()]
+        for a, e in zip(starts[:-1], starts[1:]):
+            out[b, a:e] = _naive_document(z[b, a:e], v[b, a:e], int(pos[a]), chunk_size, lr, clip)
+    return out
+
+
+def _naive_document(z, v, first_pos, chunk_size, lr, clip):
+    # Pad the document so that its chunks are whole rows of a (n, C, .) view; zero rows write nothing.
+    front = first_pos % chunk_size
+    back = -(front + z.shape[0]) % chunk_size
+    zp = torch.nn.functional.pad(z, (0, 0, front, back)).reshape(-1, chunk_size, z.shape[-1])
+    vp = torch.nn.functional.pad(v, (0, 0, front, back)).reshape(-1, chunk_size, v.shape[-1])
+    deltas = lr * torch.einsum("ncd,nch->ndh", vp, zp)
+    if clip is not None:
+        deltas = clip_delta(deltas, clip)
+    before = torch.cat([torch.zeros_like(deltas[:1]), deltas.cumsum(dim=0)[:-1]])  # exclusive prefix sum
+    out = torch.einsum("nch,ndh->ncd", zp, before).reshape(-1, v.shape[-1])
+    return out[front : front + z.shape[0]]
