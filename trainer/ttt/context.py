@@ -36,6 +36,13 @@ class TTTContext:
         if position_ids is None:
             position_ids = torch.arange(seq, device=(tokens if tokens is not None else embeds).device)
         self.layout = build_layout(position_ids, self.chunk_size, batch_size=batch)
+        if bool(self.layout.doc_start[:, 1:].any()):
+            # transformers masks attention per document from restarting position_ids only when it
+            # is given no 2D attention mask and no KV cache; a packed batch has no use for either.
+            if kwargs.get("attention_mask") is not None:
+                raise ValueError("packed documents are masked from position_ids/document_ids: drop attention_mask")
+            kwargs["use_cache"] = False
+            kwargs["past_key_values"] = None
         self.embeddings = embeds
         return args, kwargs
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from trainer.ttt.layout import ChunkLayout, RowGroup, Segment
+from trainer.ttt.layout import ChunkLayout, RowGroup, Segment, document_spans
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,7 +60,9 @@ def _initial_state(tensor, rows, batch, d, h, like, dtype):
     return tensor[rows].to(dtype).clone()
 
 
-def _walk(z, v, committed, pending, segments: Sequence[Segment], lr, clip) -> Iterator[tuple[Segment, torch.Tensor | None]]:
+def _walk(
+    z, v, committed, pending, segments: Sequence[Segment], lr, clip
+) -> Iterator[tuple[Segment, torch.Tensor | None]]:
     """Run the state recurrence in place, yielding each segment with the committed state it reads
     (None when that state is known to be zero). `committed`/`pending` hold the final state after."""
     acc = committed.dtype
@@ -165,10 +167,9 @@ def naive_fastweight(
     position_ids = position_ids.expand(z.shape[0], -1)
     out = torch.zeros(*z.shape[:-1], v.shape[-1], dtype=z.dtype, device=z.device)
     for b in range(z.shape[0]):
-        pos = position_ids[b]
-        starts = [0] + [t for t in range(1, pos.numel()) if pos[t] != pos[t - 1] + 1] + [pos.numel()]
-        for a, e in zip(starts[:-1], starts[1:]):
-            out[b, a:e] = _naive_document(z[b, a:e], v[b, a:e], int(pos[a]), chunk_size, lr, clip)
+        pos = position_ids[b].tolist()
+        for a, e in document_spans(pos):
+            out[b, a:e] = _naive_document(z[b, a:e], v[b, a:e], pos[a], chunk_size, lr, clip)
     return out
 
 

@@ -97,6 +97,12 @@ def build_layout(
     return ChunkLayout(pos, doc_start, segment_ids, tuple(groups))
 
 
+def document_spans(positions: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each document in one row of position ids (plain loop, for references)."""
+    starts = [0] + [t for t in range(1, len(positions)) if positions[t] != positions[t - 1] + 1]
+    return list(zip(starts, starts[1:] + [len(positions)]))
+
+
 def single_document_layout(batch_size: int, seq_len: int, chunk_size: int, device=None) -> ChunkLayout:
     """Each row is one document starting at position 0."""
     pos = torch.arange(seq_len, device=device).unsqueeze(0)

@@ -23,7 +23,8 @@ class FastWeightMLP(nn.Module):
 
     def __init__(self, mlp: nn.Module, cfg: TTTConfig, context: TTTContext):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act_fn = mlp.act_fn
         self.cfg = cfg
         self._context = context
         hidden = self.down_proj.out_features
@@ -46,7 +47,7 @@ class FastWeightMLP(nn.Module):
         if source is None:
             source = x if self.cfg.target_source == "hidden" else self._context.embeddings
         if source is None:
-            raise ValueError("ttt.target_source=embed needs the token embeddings: call the patched model, or pass source=")
+            raise ValueError("ttt.target_source=embed needs token embeddings: call the patched model or pass source=")
         conv = self.ttt_conv.weight if self.cfg.method == "inplace" else None
         proj = self.ttt_proj.weight if self.cfg.proj else None
         values = value_targets(self.cfg.method, source.to(z.dtype), layout, conv, proj)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.ttt.layout import ChunkLayout
+from trainer.ttt.layout import ChunkLayout, document_spans
 
 
 def value_targets(
@@ -97,8 +97,7 @@ def naive_value_targets(
     out = torch.zeros_like(source)
     for b in range(source.shape[0]):
         pos = position_ids[b].tolist()
-        starts = [0] + [t for t in range(1, len(pos)) if pos[t] != pos[t - 1] + 1] + [len(pos)]
-        for a, e in zip(starts[:-1], starts[1:]):
+        for a, e in document_spans(pos):
             doc = source[b, a:e]
             if method == "recon":
                 out[b, a:e] = doc

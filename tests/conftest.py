@@ -1,0 +1,52 @@
+"""Tiny models built from configs (no downloads) and small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+VOCAB = 61
+
+
+def tiny_qwen3(layers: int = 2, dtype=torch.float64) -> Qwen3ForCausalLM:
+    cfg = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=6,
+        tie_word_embeddings=False,
+    )
+    return Qwen3ForCausalLM(cfg).to(dtype).eval()
+
+
+def tiny_llama(layers: int = 2, dtype=torch.float64) -> LlamaForCausalLM:
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mlp_bias=True,
+    )
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+MODEL_BUILDERS = {"qwen3": tiny_qwen3, "llama": tiny_llama}
+
+
+def randomize_ttt_parameters(model: torch.nn.Module, scale: float = 0.3) -> None:
+    """Give the zero-initialised TTT parameters random values so the fast path is exercised."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ttt_" in name:
+                param.copy_(scale * torch.randn_like(param))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,151 @@
+"""The chunk scan against the prefix-sum formulation, its gradients, state passing and memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.ttt.fastweight import chunk_scan, clip_delta, naive_fastweight
+from trainer.ttt.layout import build_layout, document_position_ids
+
+F64 = torch.float64
+
+
+def packed_positions(*lengths: int) -> torch.Tensor:
+    return torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+
+
+def random_inputs(batch, seq, h=7, d=5, dtype=F64, requires_grad=False):
+    z = torch.randn(batch, seq, h, dtype=dtype, requires_grad=requires_grad)
+    v = torch.randn(batch, seq, d, dtype=dtype, requires_grad=requires_grad)
+    return z, v
+
+
+@pytest.mark.parametrize(
+    "lengths,chunk",
+    [((16,), 4), ((19,), 4), ((3, 9, 1, 10), 4), ((7, 12, 5), 5), ((2,), 8), ((33,), 1)],
+)
+def test_scan_equals_prefix_sum(lengths, chunk):
+    pos = packed_positions(*lengths)
+    z, v = random_inputs(2, pos.shape[1])
+    out, _ = chunk_scan(z, v, build_layout(pos, chunk, batch_size=2), lr=0.7)
+    torch.testing.assert_close(out, naive_fastweight(z, v, pos, chunk, lr=0.7), rtol=1e-12, atol=1e-12)
+
+
+def test_rows_with_different_documents():
+    pos = torch.cat([packed_positions(5, 13), packed_positions(11, 7)])
+    z, v = random_inputs(2, 18)
+    layout = build_layout(pos, 4)
+    assert len(layout.groups) == 2  # rows are scanned separately
+    out, _ = chunk_scan(z, v, layout, lr=0.5)
+    torch.testing.assert_close(out, naive_fastweight(z, v, pos, 4, lr=0.5), rtol=1e-12, atol=1e-12)
+
+
+def test_first_chunk_reads_nothing_and_later_chunks_read_only_the_past():
+    z, v = random_inputs(1, 12)
+    layout = build_layout(torch.arange(12), 4)
+    out, _ = chunk_scan(z, v, layout, lr=1.0)
+    assert torch.equal(out[:, :4], torch.zeros_like(out[:, :4]))
+    v_future = v.clone()
+    v_future[:, 4:] += 1.0  # writes of chunks 1 and 2 must not reach chunk 1's outputs
+    out_future, _ = chunk_scan(z, v_future, layout, lr=1.0)
+    torch.testing.assert_close(out_future[:, :8], out[:, :8])
+    assert not torch.allclose(out_future[:, 8:], out[:, 8:])
+
+
+def test_gradients_match_autograd_of_the_reference():
+    pos = packed_positions(6, 11)
+    z, v = random_inputs(2, 17, requires_grad=True)
+    grad = torch.randn(2, 17, 5, dtype=F64)
+    (g_scan_z, g_scan_v) = torch.autograd.grad((chunk_scan(z, v, build_layout(pos, 4, 2), 0.3)[0] * grad).sum(), (z, v))
+    (g_ref_z, g_ref_v) = torch.autograd.grad((naive_fastweight(z, v, pos, 4, 0.3) * grad).sum(), (z, v))
+    torch.testing.assert_close(g_scan_z, g_ref_z, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_scan_v, g_ref_v, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_with_state_in_and_out():
+    pos = packed_positions(3, 9)
+    layout = build_layout(pos + 0, 4, continues_before=True, continues_after=True)
+    z, v = random_inputs(1, 12, h=3, d=2, requires_grad=True)
+    committed = torch.randn(1, 2, 3, dtype=F64, requires_grad=True)
+    pending = torch.randn(1, 2, 3, dtype=F64, requires_grad=True)
+
+    def run(z, v, committed, pending):
+        out, (c, p) = chunk_scan(z, v, layout, 0.4, state=(committed, pending))
+        return out, c, p
+
+    assert torch.autograd.gradcheck(run, (z, v, committed, pending))
+
+
+@pytest.mark.parametrize("lengths,split", [((21,), 8), ((3, 18), 8), ((8, 13), 8), ((5, 3, 13), 8), ((10, 11), 4)])
+def test_state_passing_across_a_split_equals_the_whole(lengths, split):
+    """What context parallelism relies on: scanning two shards with the state handed over at the
+    boundary (including a chunk that straddles it) gives the outputs and gradients of one scan."""
+    pos = packed_positions(*lengths)
+    seq = pos.shape[1]
+    z, v = random_inputs(1, seq, requires_grad=True)
+    grad = torch.randn(1, seq, 5, dtype=F64)
+    whole, _ = chunk_scan(z, v, build_layout(pos, 4), 0.6)
+    first, state = chunk_scan(z[:, :split], v[:, :split], build_layout(pos[:, :split], 4, continues_after=True), 0.6)
+    second, _ = chunk_scan(
+        z[:, split:], v[:, split:], build_layout(pos[:, split:], 4, continues_before=True), 0.6, state=state
+    )
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, rtol=1e-12, atol=1e-12)
+    g_whole = torch.autograd.grad((whole * grad).sum(), (z, v))
+    g_split = torch.autograd.grad((torch.cat([first, second], dim=1) * grad).sum(), (z, v))
+    for a, b in zip(g_split, g_whole):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_low_precision_inputs_accumulate_in_fp32():
+    z, v = random_inputs(1, 64, h=16, d=8, dtype=torch.float32)
+    layout = build_layout(torch.arange(64), 8)
+    out_bf16, (committed, _) = chunk_scan(z.bfloat16(), v.bfloat16(), layout, 0.1)
+    assert out_bf16.dtype == torch.bfloat16 and committed.dtype == torch.float32
+    exact = naive_fastweight(z.bfloat16().double(), v.bfloat16().double(), torch.arange(64), 8, 0.1)
+    torch.testing.assert_close(out_bf16.double(), exact, rtol=1e-2, atol=1e-2)
+
+
+def test_clip_scales_large_chunk_deltas_to_tau():
+    delta = torch.randn(3, 4, 5, dtype=F64)
+    delta[1] *= 1e-3
+    clipped = clip_delta(delta, 0.5)
+    norms = torch.linalg.matrix_norm(clipped)
+    torch.testing.assert_close(norms[[0, 2]], torch.full((2,), 0.5, dtype=F64))
+    torch.testing.assert_close(clipped[1], delta[1])
+    pos = packed_positions(9, 14)
+    z, v = random_inputs(1, 23)
+    out, _ = chunk_scan(z, v, build_layout(pos, 4), 2.0, clip=0.5)
+    torch.testing.assert_close(out, naive_fastweight(z, v, pos, 4, 2.0, clip=0.5), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(out, naive_fastweight(z, v, pos, 4, 2.0))
+
+
+def test_clip_is_inference_only():
+    z, v = random_inputs(1, 8, requires_grad=True)
+    out, _ = chunk_scan(z, v, build_layout(torch.arange(8), 4), 1.0, clip=0.1)
+    with pytest.raises(RuntimeError, match="inference-time"):
+        out.sum().backward()
+
+
+def test_scan_saves_no_per_chunk_weights():
+    """Memory rule: the scan keeps only its inputs for backward, however many chunks there are."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().nbytes())
+        return t
+
+    seq, h, d = 1024, 32, 16
+    z, v = random_inputs(1, seq, h=h, d=d, dtype=torch.float32, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chunk_scan(z, v, build_layout(torch.arange(seq), 4), 1.0)
+    assert sum(saved) <= z.numel() * 4 + v.numel() * 4  # 256 chunks: per-chunk weights would be 256 * d * h
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        naive_fastweight(z, v, torch.arange(seq), 4, 1.0)
+    assert sum(saved) >= (seq // 4) * d * h * 4  # the reference does materialize them
+
+
+def test_document_ids_become_restarting_positions():
+    ids = torch.tensor([[4, 4, 4, 9, 9, 2, 2, 2, 2]])
+    assert document_position_ids(ids).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
