@@ -32,6 +32,13 @@ def test_scan_equals_prefix_sum(lengths, chunk):
     torch.testing.assert_close(out, naive_fastweight(z, v, pos, chunk, lr=0.7), rtol=1e-12, atol=1e-12)
 
 
+def test_documents_marked_by_a_position_jump_restart_their_state():
+    pos = torch.cat([torch.arange(6), torch.arange(9, 20)]).unsqueeze(0)  # second document starts mid-chunk
+    z, v = random_inputs(1, pos.shape[1])
+    out, _ = chunk_scan(z, v, build_layout(pos, 4), lr=0.7)
+    torch.testing.assert_close(out, naive_fastweight(z, v, pos, 4, lr=0.7), rtol=1e-12, atol=1e-12)
+
+
 def test_rows_with_different_documents():
     pos = torch.cat([packed_positions(5, 13), packed_positions(11, 7)])
     z, v = random_inputs(2, 18)

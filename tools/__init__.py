@@ -1,0 +1,1 @@
+"""User utilities: benchmarks, data preparation, export, evaluation, memory planning."""
