@@ -19,7 +19,9 @@ with `fast` one of
 - median wall time over --repeats fwd+bwd runs.
 
 Every (variant, S) runs in a fresh subprocess (`--one VARIANT S`) because the RSS high-water mark
-never goes down: the measured step is the first and largest thing that child does.
+never goes down: apart from a two-chunk warm-up, the measured step is the first thing that child does.
+The scan is hundreds of small ops: when other processes compete for the cores, multi-threaded runs
+of it slow down many-fold (idle worker threads spin), so time on an idle machine or with --threads 1.
 
 The acceptance point is S=8192, C=16 (512 chunks): the scan's extra peak over a plain MLP must be at
 most a quarter of the prefix sum's, and its time no worse.
@@ -53,6 +55,7 @@ from trainer.ttt.layout import build_layout
 VARIANTS = ("mlp", "scan", "prefix")
 DEFAULT_SEQ_LENS = (1024, 2048, 4096, 8192)
 QUICK_SEQ_LENS = (512, 1024, 2048)
+DEFAULT_REPEATS = 3
 QUICK_REPEATS = 2
 MEMORY_RATIO_LIMIT = 0.25
 TIME_RATIO_LIMIT = 1.0
@@ -254,7 +257,7 @@ class Row:
         return self.time_ratio <= TIME_RATIO_LIMIT
 
 
-def _measure_in_child(variant: str, shape: Shape, repeats: int) -> Measurement:
+def _measure_in_child(variant: str, shape: Shape, repeats: int, threads: int) -> Measurement:
     command = [
         sys.executable,
         "-m",
@@ -266,15 +269,16 @@ def _measure_in_child(variant: str, shape: Shape, repeats: int) -> Measurement:
         f"--hidden={shape.hidden}",
         f"--intermediate={shape.intermediate}",
         f"--repeats={repeats}",
+        f"--threads={threads}",
     ]
     result = subprocess.run(command, cwd=REPO_ROOT, check=True, stdout=subprocess.PIPE, text=True)
     return Measurement(**json.loads(result.stdout))
 
 
-def _measure_row(shape: Shape, repeats: int) -> Row:
+def _measure_row(shape: Shape, repeats: int, threads: int) -> Row:
     measurements = {}
     for variant in VARIANTS:
-        m = _measure_in_child(variant, shape, repeats)
+        m = _measure_in_child(variant, shape, repeats, threads)
         print(
             f"S={shape.seq_len} {variant}: peak {m.peak_mib:.1f} MiB, saved {m.saved_mib:.1f} MiB, {m.ms:.1f} ms",
             file=sys.stderr,
@@ -311,6 +315,11 @@ def _markdown_table(rows: list[Row]) -> str:
         ]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
+
+
+def _caption(repeats: int, threads: int) -> str:
+    device = f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else f"cpu, {threads} threads"
+    return f"One layer's fwd+bwd, fp32, batch 1, one document, lr {LR}; {device}; time: median of {repeats}."
 
 
 def _json_rows(rows: list[Row]) -> str:
@@ -358,11 +367,16 @@ def _positive_int(text: str) -> int:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _OneLineErrorParser(prog="python -m tools.bench_fastweight", description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--seq-lens", type=_positive_int, nargs="+", help=f"default {' '.join(map(str, DEFAULT_SEQ_LENS))}")
+    parser.add_argument(
+        "--seq-lens", type=_positive_int, nargs="+", help=f"default {' '.join(map(str, DEFAULT_SEQ_LENS))}"
+    )
     parser.add_argument("--chunk-size", type=_positive_int, default=16, help="C (default 16)")
     parser.add_argument("--hidden", type=_positive_int, default=128, help="d (default 128)")
     parser.add_argument("--intermediate", type=_positive_int, default=2048, help="h (default 2048)")
-    parser.add_argument("--repeats", type=_positive_int, help="timed fwd+bwd runs per measurement (default 3)")
+    parser.add_argument("--repeats", type=_positive_int, help=f"timed fwd+bwd runs (default {DEFAULT_REPEATS})")
+    parser.add_argument(
+        "--threads", type=_positive_int, default=torch.get_num_threads(), help="CPU threads (default: torch's)"
+    )
     parser.add_argument("--quick", action="store_true", help=f"small fast run: S in {QUICK_SEQ_LENS}, fewer repeats")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--markdown", dest="output", action="store_const", const="markdown", help="table (default)")
@@ -374,7 +388,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick and args.seq_lens:
         parser.error("--quick picks its own sequence lengths; drop --seq-lens")
     args.seq_lens = args.seq_lens or (QUICK_SEQ_LENS if args.quick else DEFAULT_SEQ_LENS)
-    args.repeats = args.repeats or (QUICK_REPEATS if args.quick else 3)
+    args.repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
     if args.one:
         variant, seq_len = args.one
         if variant not in VARIANTS:
@@ -392,15 +406,18 @@ def main(argv: list[str] | None = None) -> None:
     def shape(seq_len: int) -> Shape:
         return Shape(seq_len, args.chunk_size, args.hidden, args.intermediate)
 
+    torch.set_num_threads(args.threads)
     if args.one:
         variant, seq_len = args.one
         print(json.dumps(asdict(measure(variant, shape(seq_len), args.repeats))))
         return
-    rows = [_measure_row(shape(seq_len), args.repeats) for seq_len in args.seq_lens]
+    rows = [_measure_row(shape(seq_len), args.repeats, args.threads) for seq_len in args.seq_lens]
     if args.output == "json":
         print(_json_rows(rows))
         acceptance_stream = sys.stderr  # keep stdout parseable
     else:
+        print(_caption(args.repeats, args.threads))
+        print()
         print(_markdown_table(rows))
         acceptance_stream = sys.stdout
     for row in rows:

@@ -66,21 +66,24 @@ def _walk(
     """Run the state recurrence in place, yielding each segment with the committed state it reads
     (None when that state is known to be zero). `committed`/`pending` hold the final state after."""
     acc = committed.dtype
-    reads_zero = False
+    reads_zero, pending_zero = False, False
     for seg in segments:
         if seg.resets:
             committed.zero_()
             pending.zero_()
-            reads_zero = True
+            reads_zero, pending_zero = True, True
         yield seg, None if reads_zero else committed
         zc, vc = z[:, seg.start : seg.end].to(acc), v[:, seg.start : seg.end].to(acc)
-        write = torch.baddbmm(pending, vc.mT, zc, alpha=lr)  # pending part of the chunk + this segment
-        if seg.closes:
+        if seg.closes and clip is None and pending_zero:
+            committed.baddbmm_(vc.mT, zc, alpha=lr)  # the common case, without temporaries
+        elif seg.closes:
+            write = torch.baddbmm(pending, vc.mT, zc, alpha=lr)  # the chunk's earlier part + this segment
             committed.add_(write if clip is None else clip_delta(write, clip))
             pending.zero_()
-            reads_zero = False
         else:
-            pending.copy_(write)
+            pending.baddbmm_(vc.mT, zc, alpha=lr)
+        reads_zero = reads_zero and not seg.closes
+        pending_zero = seg.closes
 
 
 class _ChunkScan(torch.autograd.Function):
