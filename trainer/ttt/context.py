@@ -2,21 +2,37 @@
 
 The decoder layers of transformers call `mlp(hidden_states)` with nothing else, so the document
 layout (from `position_ids` / `document_ids`) and the token embeddings reach the MLPs through this
-object, filled by hooks that `patch_model` installs on the decoder and its embedding.
+object, filled by hooks that `patch_model` installs on the decoder and its embedding. Under context
+parallelism it also holds the CP group and the layout of the targets' halo rows.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
+from parallel.halo import halo_rows
+from trainer.ttt.config import TTTConfig
 from trainer.ttt.layout import ChunkLayout, build_layout, document_position_ids
+
+_NO_NEIGHBOUR = -2  # a position that breaks the +1 steps next to any real position
 
 
 class TTTContext:
-    def __init__(self, chunk_size: int):
-        self.chunk_size = chunk_size
+    def __init__(self, cfg: TTTConfig):
+        self.cfg = cfg
+        self.cp_group = None
         self.layout: ChunkLayout | None = None
+        self.target_layout: ChunkLayout | None = None  # layout of [halo before, shard, halo after]
         self.embeddings: torch.Tensor | None = None
+
+    @property
+    def halo_widths(self) -> tuple[int, int]:
+        """Rows of the neighbouring shards that this shard's value targets read (before, after)."""
+        if self.cp_group is None or dist.get_world_size(self.cp_group) == 1:
+            return 0, 0
+        radius = self.cfg.conv_kernel // 2
+        return {"inplace": (radius, radius), "ntp": (0, 1)}.get(self.cfg.method, (0, 0))
 
     def begin(self, module, args, kwargs):
         """Forward pre-hook of the decoder: derive the chunk layout of this batch."""
@@ -24,27 +40,38 @@ class TTTContext:
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError("incremental decoding with TTT layers is not supported by a plain forward")
         tokens = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        batch, seq = (tokens if tokens is not None else embeds).shape[:2]
+        reference = tokens if tokens is not None else kwargs["inputs_embeds"]
+        batch, seq = reference.shape[:2]
         position_ids = kwargs.get("position_ids")
         document_ids = kwargs.pop("document_ids", None)
         if document_ids is not None:
             if position_ids is not None:
                 raise ValueError("pass document_ids or position_ids for packed documents, not both")
             position_ids = document_position_ids(document_ids)
-            kwargs["position_ids"] = position_ids  # transformers masks attention per document from these
+            kwargs["position_ids"] = position_ids  # attention is masked per document from these
         if position_ids is None:
-            position_ids = torch.arange(seq, device=(tokens if tokens is not None else embeds).device)
-        self.layout = build_layout(position_ids, self.chunk_size, batch_size=batch)
-        if bool(self.layout.doc_start[:, 1:].any()):
+            position_ids = torch.arange(seq, device=reference.device)
+        self._set_layouts(position_ids.expand(batch, -1))
+        if self.cp_group is None and bool(self.layout.doc_start[:, 1:].any()):
             # transformers masks attention per document from restarting position_ids only when it
             # is given no 2D attention mask and no KV cache; a packed batch has no use for either.
             if kwargs.get("attention_mask") is not None:
                 raise ValueError("packed documents are masked from position_ids/document_ids: drop attention_mask")
             kwargs["use_cache"] = False
             kwargs["past_key_values"] = None
-        self.embeddings = embeds
+        self.embeddings = kwargs.get("inputs_embeds")
         return args, kwargs
+
+    def _set_layouts(self, position_ids: torch.Tensor) -> None:
+        chunk = self.cfg.chunk_size
+        if self.cp_group is None:
+            self.layout = self.target_layout = build_layout(position_ids, chunk)
+            return
+        rank, size = dist.get_rank(self.cp_group), dist.get_world_size(self.cp_group)
+        self.layout = build_layout(position_ids, chunk, continues_before=rank > 0, continues_after=rank < size - 1)
+        before, after = self.halo_widths
+        prev_pos, next_pos = halo_rows(position_ids, self.cp_group, before, after, fill=_NO_NEIGHBOUR)
+        self.target_layout = build_layout(torch.cat([prev_pos, position_ids, next_pos], dim=1), chunk)
 
     def record_embeddings(self, module, args, output):
         """Forward hook of the input embedding, for target_source=embed."""
@@ -52,5 +79,5 @@ class TTTContext:
 
     def end(self, module, args, kwargs, output):
         """Forward hook of the decoder: a later stand-alone `mlp(x)` must not see this batch's layout."""
-        self.layout = None
+        self.layout = self.target_layout = None
         self.embeddings = None

@@ -159,6 +159,29 @@ class _ChunkScan(torch.autograd.Function):
         )
 
 
+def read_incoming_state(
+    z: torch.Tensor, layout: ChunkLayout, committed: torch.Tensor, pending: torch.Tensor
+) -> torch.Tensor:
+    """What a (committed, pending) state entering the sequence adds to the fast output, (B, S, d).
+
+    `chunk_scan` is linear in its starting state, so a shard scanned from zero plus this read equals
+    the shard scanned from the state: the tokens of the document that continues into the shard read
+    `committed`, and those after its first segment's chunk closes read `pending` too.
+    """
+    acc = committed.dtype
+    out = torch.zeros(*z.shape[:-1], committed.shape[1], dtype=acc, device=z.device)
+    for group in layout.groups:
+        first = group.segments[0]
+        doc_end = 0 if first.resets else next((seg.start for seg in group.segments if seg.resets), z.shape[1])
+        pending_from = min(first.end, doc_end) if first.closes else doc_end
+        # Empty slices still join the graph: every rank of a CP group must run the same backward
+        # collectives in the same order, whatever its documents look like.
+        zg = z[group.rows, :doc_end].to(acc)
+        out[group.rows, :doc_end] = zg @ committed[group.rows].mT
+        out[group.rows, pending_from:doc_end] += zg[:, pending_from:] @ pending[group.rows].mT
+    return out.to(z.dtype)
+
+
 def naive_fastweight(
     z: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor, chunk_size: int, lr: float, clip: float | None = None
 ) -> torch.Tensor:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from parallel.halo import halo_rows
+from parallel.state_scan import exclusive_state_scan
 from trainer.ttt.config import TTTConfig
 from trainer.ttt.context import TTTContext
-from trainer.ttt.fastweight import chunk_scan
+from trainer.ttt.fastweight import chunk_scan, read_incoming_state
 from trainer.ttt.layout import single_document_layout
 from trainer.ttt.targets import value_targets
 
@@ -39,21 +41,47 @@ class FastWeightMLP(nn.Module):
             # ntp / recon: P is the only parameter of the target, so it starts at zero.
             (nn.init.eye_ if cfg.method == "inplace" else nn.init.zeros_)(self.ttt_proj.weight)
 
+    def set_context_parallel(self, group) -> None:
+        """Called by `parallel.apply_cp`: this model now sees one shard of each sequence."""
+        if self.cfg.clip is not None:
+            raise ValueError("ttt.clip (an inference option) is not supported with context parallelism")
+        self._context.cp_group = group
+
     def forward(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, S, d) -> (B, S, d). `source` overrides the value-target source T (e.g. embeddings)."""
         z = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
         out = self.down_proj(z)
-        layout = self._context.layout or single_document_layout(x.shape[0], x.shape[1], self.cfg.chunk_size, x.device)
+        context = self._context
+        if context.layout is None:  # called on its own: each row is one document
+            layout = target_layout = single_document_layout(x.shape[0], x.shape[1], self.cfg.chunk_size, x.device)
+        else:
+            layout, target_layout = context.layout, context.target_layout
         if source is None:
-            source = x if self.cfg.target_source == "hidden" else self._context.embeddings
+            source = x if self.cfg.target_source == "hidden" else context.embeddings
         if source is None:
             raise ValueError("ttt.target_source=embed needs token embeddings: call the patched model or pass source=")
+        values = self._values(source.to(z.dtype), target_layout)
+        clip = None if self.training else self.cfg.clip
+        if context.cp_group is None:
+            fast, _ = chunk_scan(z, values, layout, self.cfg.lr, clip=clip)
+            return out + fast
+        # Context parallel: scan the shard from zero, pass states across ranks, add what the
+        # incoming state contributes to this shard's first document.
+        fast, (committed, pending) = chunk_scan(z, values, layout, self.cfg.lr)
+        resets = layout.doc_start.any(dim=1)
+        incoming = exclusive_state_scan(committed, pending, resets, context.cp_group)
+        return out + fast + read_incoming_state(z, layout, *incoming)
+
+    def _values(self, source: torch.Tensor, target_layout) -> torch.Tensor:
+        """Value targets of this shard; under CP they may read halo rows of the neighbouring shards."""
         conv = self.ttt_conv.weight if self.cfg.method == "inplace" else None
         proj = self.ttt_proj.weight if self.cfg.proj else None
-        values = value_targets(self.cfg.method, source.to(z.dtype), layout, conv, proj)
-        clip = None if self.training else self.cfg.clip
-        fast, _ = chunk_scan(z, values, layout, self.cfg.lr, clip=clip)
-        return out + fast
+        before, after = self._context.halo_widths
+        if before or after:
+            prev_rows, next_rows = halo_rows(source, self._context.cp_group, before, after)
+            source = torch.cat([prev_rows, source, next_rows], dim=1)
+        values = value_targets(self.cfg.method, source, target_layout, conv, proj)
+        return values[:, before : values.shape[1] - after]
 
     def extra_repr(self) -> str:
         return f"method={self.cfg.method}, chunk_size={self.cfg.chunk_size}, lr={self.cfg.lr}"

@@ -40,7 +40,7 @@ def patch_model(model: nn.Module, cfg: TTTConfig) -> nn.Module:
             raise ValueError(f"layer {i} MLP ({type(mlp).__name__}) is not a gated MLP: it lacks {', '.join(missing)}")
     if not indices:
         return model
-    context = TTTContext(cfg.chunk_size)
+    context = TTTContext(cfg)
     for i in indices:
         decoder.layers[i].mlp = FastWeightMLP(decoder.layers[i].mlp, cfg, context)
     decoder.register_forward_pre_hook(context.begin, with_kwargs=True)
