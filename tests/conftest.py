@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 VOCAB = 61
 
@@ -36,7 +36,22 @@ def tiny_llama(layers: int = 2, dtype=torch.float64) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
-MODEL_BUILDERS = {"qwen3": tiny_qwen3, "llama": tiny_llama}
+def tiny_mistral(layers: int = 2, dtype=torch.float64) -> MistralForCausalLM:
+    """With a sliding window shorter than the test sequences, so windowed masks are exercised."""
+    cfg = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=6,
+        sliding_window=6,
+    )
+    return MistralForCausalLM(cfg).to(dtype).eval()
+
+
+MODEL_BUILDERS = {"qwen3": tiny_qwen3, "llama": tiny_llama, "mistral": tiny_mistral}
 
 
 def randomize_ttt_parameters(model: torch.nn.Module, scale: float = 0.3) -> None:

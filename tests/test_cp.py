@@ -75,10 +75,10 @@ def _exactness(rank, world_size, cases):
 
 ALLGATHER_CASES = [
     (family, method, "allgather", lengths)
-    for family in sorted(MODEL_BUILDERS)
+    for family in ("qwen3", "llama")
     for method in ("none", "inplace", "ntp")
     for lengths in PACKINGS
-]
+] + [("mistral", "ntp", "allgather", lengths) for lengths in PACKINGS]  # sliding-window attention
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
