@@ -8,6 +8,8 @@ parallelism it also holds the CP group and the layout of the targets' halo rows.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -72,6 +74,19 @@ class TTTContext:
         before, after = self.halo_widths
         prev_pos, next_pos = halo_rows(position_ids, self.cp_group, before, after, fill=_NO_NEIGHBOUR)
         self.target_layout = build_layout(torch.cat([prev_pos, position_ids, next_pos], dim=1), chunk)
+
+    def snapshot(self) -> tuple:
+        return self.layout, self.target_layout, self.embeddings
+
+    @contextlib.contextmanager
+    def restored(self, snapshot: tuple):
+        """Re-install a forward's layout, e.g. while activation checkpointing recomputes a layer."""
+        saved = self.snapshot()
+        self.layout, self.target_layout, self.embeddings = snapshot
+        try:
+            yield
+        finally:
+            self.layout, self.target_layout, self.embeddings = saved
 
     def record_embeddings(self, module, args, output):
         """Forward hook of the input embedding, for target_source=embed."""

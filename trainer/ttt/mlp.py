@@ -29,6 +29,7 @@ class FastWeightMLP(nn.Module):
         self.act_fn = mlp.act_fn
         self.cfg = cfg
         self._context = context
+        self.update_norm = torch.zeros(())  # of the last forward; see _update_norm
         hidden = self.down_proj.out_features
         factory = {"device": self.down_proj.weight.device, "dtype": self.down_proj.weight.dtype}
         if cfg.method == "inplace":
@@ -63,11 +64,13 @@ class FastWeightMLP(nn.Module):
         values = self._values(source.to(z.dtype), target_layout)
         clip = None if self.training else self.cfg.clip
         if context.cp_group is None:
-            fast, _ = chunk_scan(z, values, layout, self.cfg.lr, clip=clip)
+            fast, (committed, _) = chunk_scan(z, values, layout, self.cfg.lr, clip=clip)
+            self.update_norm = _update_norm(committed)
             return out + fast
         # Context parallel: scan the shard from zero, pass states across ranks, add what the
         # incoming state contributes to this shard's first document.
         fast, (committed, pending) = chunk_scan(z, values, layout, self.cfg.lr)
+        self.update_norm = _update_norm(committed)
         resets = layout.doc_start.any(dim=1)
         incoming = exclusive_state_scan(committed, pending, resets, context.cp_group)
         return out + fast + read_incoming_state(z, layout, *incoming)
@@ -85,3 +88,8 @@ class FastWeightMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.cfg.method}, chunk_size={self.cfg.chunk_size}, lr={self.cfg.lr}"
+
+
+def _update_norm(committed: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of the fast-weight update this forward accumulated (batch mean), for metrics."""
+    return torch.linalg.matrix_norm(committed.detach()).mean()

@@ -48,5 +48,6 @@ def patch_model(model: nn.Module, cfg: TTTConfig) -> nn.Module:
     if cfg.target_source == "embed":
         decoder.embed_tokens.register_forward_hook(context.record_embeddings)
     model.ttt_config = cfg
+    model.ttt_context = context
     model.ttt_layers = indices
     return model

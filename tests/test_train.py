@@ -1,0 +1,172 @@
+"""The training job end to end on CPU: sweeps, W&B offline history, checkpoints, resume, faults, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import trainer.checkpoint
+import trainer.loop
+from trainer.checkpoint import complete_checkpoints, load_checkpoint
+from trainer.config import job_config
+from trainer.loop import NonFiniteLossError, run
+from trainer.train import CONF_DIR
+
+FAST = ["experiment=smoke", "parallel=single"]
+
+
+def cli(*overrides: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.train", *overrides], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"ttt-train failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def wandb_history_file(run_dir: Path) -> Path:
+    (found,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    return found
+
+
+def compose_job(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return job_config(compose(config_name="config", overrides=list(overrides)))
+
+
+def test_two_point_sweep_with_offline_wandb(tmp_path):
+    sweep = tmp_path / "sweep-7f3a"
+    cli("-m", *FAST, "ttt.lr=0.5,2.0", f"hydra.sweep.dir={sweep}")
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in runs] == ["0", "1"]
+    losses = []
+    for run_dir in runs:
+        rows = metrics(run_dir)
+        assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+        assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_memory_bytes"} <= rows[0].keys()
+        assert any(key.startswith("ttt_update_norm/") for key in rows[0])
+        assert (run_dir / "checkpoints" / "step-6" / "meta.json").exists()
+        history = wandb_history_file(run_dir).read_bytes()
+        for key in (b"tokens_per_s", b"grad_norm", b"sweep-7f3a"):  # logged keys, and the sweep as W&B group
+            assert key in history
+        losses.append([r["loss"] for r in rows])
+    assert losses[0][0] == losses[1][0] and losses[0][-1] != losses[1][-1]  # same data, different fast-weight lr
+
+
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    cli(*FAST, f"hydra.run.dir={full}")
+    cli(*FAST, f"hydra.run.dir={resumed}", f"checkpoint.resume={full}/checkpoints/step-3")
+    assert (
+        metrics(resumed)
+        == [  # every number of steps 4-6, bit for bit (times aside)
+            {**row, "tokens_per_s": r["tokens_per_s"], "peak_memory_bytes": r["peak_memory_bytes"]}
+            for row, r in zip(metrics(full)[3:], metrics(resumed))
+        ]
+    )
+
+
+def test_resume_with_another_process_count_and_cp_degree(tmp_path):
+    cp2, cp1 = tmp_path / "cp2", tmp_path / "cp1"
+    cli("experiment=smoke", "parallel.cp=2", "parallel.nproc_per_node=2", f"hydra.run.dir={cp2}")
+    cli(*FAST, f"hydra.run.dir={cp1}", f"checkpoint.resume={cp2}/checkpoints/step-3")
+    for want, got in zip(metrics(cp2)[3:], metrics(cp1), strict=True):
+        assert got["step"] == want["step"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    job = compose_job(*FAST)
+    real_save, calls = trainer.checkpoint.dcp.save, []
+
+    def save_then_crash(state, checkpoint_id, **kwargs):
+        calls.append(checkpoint_id)
+        if len(calls) == 2:  # the step-6 checkpoint: leave a half-written file behind, then die
+            (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
+            raise OSError("disk full")
+        return real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+
+    monkeypatch.setattr(trainer.checkpoint.dcp, "save", save_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        run(job, tmp_path)
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in complete_checkpoints(root)] == ["step-3"]
+    assert (root / ".step-6.partial").exists()
+    monkeypatch.setattr(trainer.checkpoint.dcp, "save", real_save)
+    resumed = run(compose_job(*FAST, "checkpoint.resume=auto"), tmp_path)
+    assert resumed.name == "step-6" and not (root / ".step-6.partial").exists()
+    model = trainer.loop.build_model(job.model, job.ttt, torch.device("cpu"), seed=123)
+    optimizer = trainer.loop.build_optimizer(model, job.optim)
+    assert load_checkpoint(root / "step-6", model, optimizer)["step"] == 6
+
+
+def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
+    real_ce, calls = trainer.loop.F.cross_entropy, []
+
+    def nan_after_four(*args, **kwargs):
+        calls.append(1)
+        loss = real_ce(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 4 else loss
+
+    monkeypatch.setattr(trainer.loop.F, "cross_entropy", nan_after_four)
+    job = compose_job(*FAST, "train.steps=20")
+    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row.*step-6"):
+        run(job, tmp_path)
+    rows = metrics(tmp_path)
+    assert [r["skipped"] for r in rows] == [False] * 4 + [True] * 3
+    # Skipped steps leave the weights untouched, so the step-6 checkpoint is still a good one.
+    model = trainer.loop.build_model(job.model, job.ttt, torch.device("cpu"), seed=123)
+    load_checkpoint(tmp_path / "checkpoints" / "step-6", model, trainer.loop.build_optimizer(model, job.optim))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    args = [*FAST, "train.steps=100000", "checkpoint.every=100000", "logging.wandb.mode=disabled"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.train", *args, f"hydra.run.dir={tmp_path}"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        (tmp_path / "metrics.jsonl").exists() and len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    last_step = metrics(tmp_path)[-1]["step"]
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == [f"step-{last_step}"]
+    assert "preempted" in stderr
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.steps=0", "train.steps must be an integer >= 1, got 0"),
+        ("ttt.method=lora", "ttt.method must be one of none, inplace, ntp, recon, got 'lora'"),
+        ("data.seq_len=100", "data.seq_len must be a multiple of parallel.cp x ttt.chunk_size = 32, got 100"),
+        ("parallel.cp=3 data.seq_len=192", "parallel.cp=3 does not divide parallel.nproc_per_node=1"),
+        ("optim.lr=-1", "optim.lr must be a positive number, got -1"),
+        (
+            "logging.wandb.mode=sometimes",
+            "logging.wandb.mode must be one of online, offline, disabled, got 'sometimes'",
+        ),
+    ],
+)
+def test_bad_config_values_fail_with_one_line(tmp_path, override, message):
+    result = cli(*FAST, *override.split(), f"hydra.run.dir={tmp_path}", check=False, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {message}"]

@@ -1,0 +1,230 @@
+"""The job's configuration: typed sections built from the composed Hydra config, validated once.
+
+`job_config(cfg)` turns the OmegaConf tree into frozen dataclasses; every bad value raises a
+one-line `ConfigError` naming the key, before any process group or model exists. Code deeper down
+trusts these values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from parallel.attention import KINDS as ATTENTION_KINDS
+from trainer.ttt import TTTConfig
+
+ENGINES = ("ddp",)
+WANDB_MODES = ("online", "offline", "disabled")
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    family: str  # transformers model_type used for scratch init: qwen3, qwen2, llama, mistral
+    path: str | None  # a local Hugging Face folder; None builds from `config`
+    dtype: str
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    cp: int
+    nproc_per_node: int  # processes this job launches itself when not started by torchrun
+    engine: str
+    attention: str
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str
+    seq_len: int
+    batch_size: int  # sequences per micro-step per data-parallel rank
+    options: dict[str, Any]  # generator-specific settings
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    warmup_steps: int
+    min_lr_ratio: float
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    mode: str
+    project: str
+    entity: str | None
+    group: str | None
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    grad_accum: int
+    grad_clip: float | None
+    activation_checkpointing: bool
+    max_nonfinite_steps: int
+    progress: bool
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int
+    keep: int
+    resume: str | None  # None, "auto", or a checkpoint directory
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    seed: int
+    model: ModelConfig
+    ttt: TTTConfig
+    parallel: ParallelConfig
+    data: DataConfig
+    optim: OptimConfig
+    wandb: WandbConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    raw: dict[str, Any] = field(repr=False, compare=False)  # the resolved tree, for logging
+
+
+def _require(condition: bool, key: str, expected: str, value: Any) -> None:
+    if not condition:
+        raise ConfigError(f"{key} must be {expected}, got {value!r}")
+
+
+def _int(section: dict, key: str, prefix: str, minimum: int = 1) -> int:
+    value = section.get(key)
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        f"{prefix}.{key}",
+        f"an integer >= {minimum}",
+        value,
+    )
+    return value
+
+
+def _number(section: dict, key: str, prefix: str, positive: bool = False) -> float:
+    value = section.get(key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    _require(
+        ok and (value > 0 if positive else value >= 0),
+        f"{prefix}.{key}",
+        "a positive number" if positive else "a number >= 0",
+        value,
+    )
+    return float(value)
+
+
+def _choice(section: dict, key: str, prefix: str, choices: tuple[str, ...]) -> str:
+    value = section.get(key)
+    _require(value in choices, f"{prefix}.{key}", f"one of {', '.join(choices)}", value)
+    return value
+
+
+def _section(tree: dict, key: str) -> dict:
+    value = tree.get(key)
+    _require(isinstance(value, dict), key, "a config group", value)
+    return value
+
+
+def job_config(cfg: DictConfig | dict) -> JobConfig:
+    tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    model, par, data = _section(tree, "model"), _section(tree, "parallel"), _section(tree, "data")
+    optim, train, ckpt = _section(tree, "optim"), _section(tree, "train"), _section(tree, "checkpoint")
+    wandb = _section(_section(tree, "logging"), "wandb")
+
+    _require(
+        model.get("path") is not None or isinstance(model.get("config"), dict),
+        "model.config",
+        "a mapping of transformers config fields (or set model.path)",
+        model.get("config"),
+    )
+    model_cfg = ModelConfig(
+        name=str(model.get("name")),
+        family=str(model.get("family")),
+        path=model.get("path"),
+        dtype=_choice(model, "dtype", "model", DTYPES),
+        config=dict(model.get("config") or {}),
+    )
+    try:
+        ttt_cfg = TTTConfig(**_section(tree, "ttt"))
+    except TypeError as err:  # an unknown key in the ttt group
+        raise ConfigError(f"ttt: {err}") from None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+    parallel_cfg = ParallelConfig(
+        cp=_int(par, "cp", "parallel"),
+        nproc_per_node=_int(par, "nproc_per_node", "parallel"),
+        engine=_choice(par, "engine", "parallel", ENGINES),
+        attention=_choice(par, "attention", "parallel", ATTENTION_KINDS),
+    )
+    seq_len = _int(data, "seq_len", "data")
+    multiple = parallel_cfg.cp * ttt_cfg.chunk_size if ttt_cfg.method != "none" else parallel_cfg.cp
+    _require(
+        seq_len % multiple == 0, "data.seq_len", f"a multiple of parallel.cp x ttt.chunk_size = {multiple}", seq_len
+    )
+    data_cfg = DataConfig(
+        name=str(data.get("name")),
+        seq_len=seq_len,
+        batch_size=_int(data, "batch_size", "data"),
+        options={k: v for k, v in data.items() if k not in ("name", "seq_len", "batch_size")},
+    )
+    betas = optim.get("betas")
+    _require(
+        isinstance(betas, list) and len(betas) == 2 and all(0 <= b < 1 for b in betas),
+        "optim.betas",
+        "two numbers in [0, 1)",
+        betas,
+    )
+    min_lr_ratio = _number(optim, "min_lr_ratio", "optim")
+    _require(min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]", min_lr_ratio)
+    optim_cfg = OptimConfig(
+        lr=_number(optim, "lr", "optim", positive=True),
+        weight_decay=_number(optim, "weight_decay", "optim"),
+        betas=tuple(betas),
+        eps=_number(optim, "eps", "optim", positive=True),
+        warmup_steps=_int(optim, "warmup_steps", "optim", minimum=0),
+        min_lr_ratio=min_lr_ratio,
+    )
+    tags = wandb.get("tags") or []
+    _require(isinstance(tags, list), "logging.wandb.tags", "a list", tags)
+    wandb_cfg = WandbConfig(
+        mode=_choice(wandb, "mode", "logging.wandb", WANDB_MODES),
+        project=str(wandb.get("project")),
+        entity=wandb.get("entity"),
+        group=wandb.get("group"),
+        tags=tuple(str(t) for t in tags),
+    )
+    clip = train.get("grad_clip")
+    train_cfg = TrainConfig(
+        steps=_int(train, "steps", "train"),
+        grad_accum=_int(train, "grad_accum", "train"),
+        grad_clip=None if clip is None else _number(train, "grad_clip", "train", positive=True),
+        activation_checkpointing=bool(train.get("activation_checkpointing")),
+        max_nonfinite_steps=_int(train, "max_nonfinite_steps", "train"),
+        progress=bool(train.get("progress", True)),
+    )
+    resume = ckpt.get("resume")
+    _require(resume is None or isinstance(resume, str), "checkpoint.resume", "null, 'auto' or a path", resume)
+    ckpt_cfg = CheckpointConfig(
+        every=_int(ckpt, "every", "checkpoint"),
+        keep=_int(ckpt, "keep", "checkpoint"),
+        resume=resume,
+    )
+    seed = tree.get("seed")
+    _require(isinstance(seed, int) and not isinstance(seed, bool), "seed", "an integer", seed)
+    return JobConfig(seed, model_cfg, ttt_cfg, parallel_cfg, data_cfg, optim_cfg, wandb_cfg, train_cfg, ckpt_cfg, tree)

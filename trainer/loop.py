@@ -1,0 +1,187 @@
+"""The training loop of one process: batch -> forward -> loss -> backward -> step -> log -> checkpoint."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from parallel.context_parallel import apply_cp
+from parallel.engine import sync_gradients
+from parallel.mesh import build_mesh
+from parallel.sharding import IGNORE_INDEX, shard_batch
+from trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from trainer.config import JobConfig
+from trainer.data import SequenceLoader, build_dataset
+from trainer.faults import PreemptionFlag
+from trainer.model import build_model, enable_activation_checkpointing
+from trainer.optim import build_optimizer, set_lr
+from trainer.tracking import MetricsFile, WandbRun
+from trainer.ttt.mlp import FastWeightMLP
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process sits: global rank, data-parallel and context-parallel coordinates."""
+
+    rank: int
+    world: int
+    dp_rank: int
+    dp_size: int
+    cp_rank: int
+    cp_size: int
+    dp_group: object
+    cp_group: object
+    device: torch.device
+
+
+def setup_ranks(cp: int) -> Ranks:
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return Ranks(0, 1, 0, 1, 0, 1, None, None, device)
+    mesh = build_mesh(cp, device.type)
+    return Ranks(
+        dist.get_rank(), dist.get_world_size(), mesh["dp"].get_local_rank(), mesh["dp"].size(),
+        mesh["cp"].get_local_rank(), mesh["cp"].size(), mesh["dp"].get_group(), mesh["cp"].get_group(), device,
+    )  # fmt: skip
+
+
+def _all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def train_step(model, optimizer, loader: SequenceLoader, job: JobConfig, ranks: Ranks) -> dict:
+    """One optimizer step over `grad_accum` micro-batches; the loss is the mean over every real token
+    of the step across all data- and context-parallel ranks."""
+    batches = [loader.next_batch() for _ in range(job.train.grad_accum)]
+    real = torch.tensor(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)), device=ranks.device)
+    total = _all_reduce(real, ranks.dp_group)  # every CP rank holds the same full sequences
+    loss_sum = torch.zeros((), device=ranks.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=ranks.device.type == "cuda")
+    for batch in batches:
+        local = {k: v.to(ranks.device) for k, v in shard_batch(batch, ranks.cp_rank, ranks.cp_size).items()}
+        with autocast:
+            logits = model(local["input_ids"], position_ids=local["position_ids"], use_cache=False).logits
+        ce = F.cross_entropy(logits.float().flatten(0, 1), local["labels"].flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="sum")  # fmt: skip
+        (ce / total).backward()
+        loss_sum += ce.detach()
+    sync_gradients(model)
+    clip = job.train.grad_clip if job.train.grad_clip is not None else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    loss = _all_reduce(loss_sum) / total
+    finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": float(loss), "grad_norm": float(grad_norm), "finite": finite}
+
+
+def _ttt_update_norms(model, ranks: Ranks) -> dict[str, float]:
+    """Frobenius norm of each TTT layer's fast-weight update over the last micro-batch (rank mean)."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, FastWeightMLP)]
+    if not layers:
+        return {}
+    norms = _all_reduce(torch.stack([m.update_norm.to(ranks.device) for _, m in layers])) / ranks.world
+    return {f"ttt_update_norm/{name.split('.mlp')[0].split('.')[-1]}": float(n) for (name, _), n in zip(layers, norms)}
+
+
+def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path | None:
+    """Train `job` in `run_dir`; returns the last checkpoint written."""
+    ranks = setup_ranks(job.parallel.cp)
+    model = build_model(job.model, job.ttt, ranks.device, job.seed)
+    if ranks.cp_size > 1:
+        apply_cp(model, ranks.cp_group, job.parallel.attention)
+    if job.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    model.train()
+    optimizer = build_optimizer(model, job.optim)
+    dataset = build_dataset(job.data.name, job.data.seq_len, model.config.vocab_size, job.seed, job.data.options)
+    loader = SequenceLoader(dataset, job.data.batch_size, ranks.dp_rank, ranks.dp_size)
+
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = resolve_resume(ckpt_root, job.checkpoint.resume)
+    start, wandb_id, last_ckpt = 0, None, None
+    if resume_from is not None:
+        meta = load_checkpoint(resume_from, model, optimizer)
+        start, wandb_id, last_ckpt = meta["step"], meta.get("wandb_run_id"), resume_from
+        loader.load_state_dict(meta["data"])
+        if ranks.rank == 0:
+            print(f"resumed from {resume_from} at step {start}", file=sys.stderr)
+
+    lead = ranks.rank == 0
+    metrics = MetricsFile(run_dir / "metrics.jsonl", start) if lead else None
+    wandb_cfg = replace(job.wandb, group=wandb_group or job.wandb.group)
+    wandb = WandbRun(wandb_cfg, run_dir, job.raw, wandb_id, run_dir.name) if lead else None
+    preemption = PreemptionFlag()
+    tokens_per_step = job.data.seq_len * job.data.batch_size * ranks.dp_size * job.train.grad_accum
+    progress = tqdm(
+        total=job.train.steps, initial=start, disable=not (lead and job.train.progress), unit="step", mininterval=2
+    )
+    bad_in_a_row = 0
+
+    def checkpoint(step: int) -> Path:
+        meta = {"data": loader.state_dict(), "wandb_run_id": wandb.run_id if wandb else None}
+        return save_checkpoint(ckpt_root, step, model, optimizer, meta, job.checkpoint.keep)
+
+    try:
+        for step in range(start, job.train.steps):
+            lr = set_lr(optimizer, step, job.train.steps, job.optim)
+            began = time.perf_counter()
+            stats = train_step(model, optimizer, loader, job, ranks)
+            elapsed = time.perf_counter() - began
+            done = step + 1
+            bad_in_a_row = 0 if stats["finite"] else bad_in_a_row + 1
+            update_norms = _ttt_update_norms(model, ranks)  # a collective: every rank takes part
+            if lead:
+                record = {
+                    "step": done, "loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
+                    "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_step / elapsed,
+                    "peak_memory_bytes": _peak_memory_bytes(ranks.device), "skipped": not stats["finite"],
+                }  # fmt: skip
+                record.update(update_norms)
+                metrics.write(record)
+                wandb.log(record, step=done)
+                progress.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                progress.update(1)
+            if bad_in_a_row >= job.train.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient (skipped); "
+                    f"stopping at step {done}, last good checkpoint: {last_ckpt}"
+                )
+            if done % job.checkpoint.every == 0 or done == job.train.steps:
+                last_ckpt = checkpoint(done)
+            if preemption.any_rank(ranks.device):
+                if last_ckpt is None or last_ckpt.name != f"step-{done}":
+                    last_ckpt = checkpoint(done)
+                if lead:
+                    print(f"preempted: saved {last_ckpt}, exiting", file=sys.stderr)
+                break
+    finally:
+        progress.close()
+        if wandb is not None:
+            wandb.finish()
+    if lead:
+        print(f"run directory: {run_dir}\nmetrics: {run_dir / 'metrics.jsonl'}\ncheckpoint: {last_ckpt}")
+        if wandb is not None and wandb.offline_dir:
+            print(f"wandb: {Path(wandb.offline_dir).parent}")
+    return last_ckpt

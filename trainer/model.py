@@ -1,0 +1,41 @@
+"""Build the model a job trains: a Hugging Face decoder (local weights or scratch init) with TTT MLPs."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from trainer.config import ModelConfig
+from trainer.ttt import TTTConfig, patch_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def build_model(model_cfg: ModelConfig, ttt_cfg: TTTConfig, device: torch.device, seed: int):
+    """Every rank builds the same model: scratch init is seeded, so no broadcast is needed."""
+    torch.manual_seed(seed)
+    dtype = DTYPES[model_cfg.dtype]
+    if model_cfg.path is not None:
+        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=dtype)
+    else:
+        config = AutoConfig.for_model(model_cfg.family, **model_cfg.config)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    patch_model(model, ttt_cfg)
+    return model.to(device)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward (transformers' own switch), with the TTT layout
+    of the forward restored during the recomputation."""
+    context = getattr(model, "ttt_context", None)
+
+    def context_fn():
+        if context is None:
+            return contextlib.nullcontext(), contextlib.nullcontext()
+        return contextlib.nullcontext(), context.restored(context.snapshot())
+
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn}
+    )
