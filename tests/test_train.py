@@ -170,3 +170,15 @@ def test_bad_config_values_fail_with_one_line(tmp_path, override, message):
     result = cli(*FAST, *override.split(), f"hydra.run.dir={tmp_path}", check=False, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {message}"]
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
+    """Recomputed layers must see the forward's packed-document layout (restored by the TTT context)."""
+    # inplace: its conv masks (unlike NTP's doc-end zeros) change gradients if the layout were lost.
+    overrides = [*FAST, "ttt=inplace", "ttt.chunk_size=32", "data.docs_per_sequence=3", "data.num_pairs=4",
+                 "train.steps=3", "logging.wandb.mode=disabled"]  # fmt: skip
+    run(compose_job(*overrides), tmp_path / "plain")
+    run(compose_job(*overrides, "train.activation_checkpointing=true"), tmp_path / "recompute")
+    plain, recompute = metrics(tmp_path / "plain"), metrics(tmp_path / "recompute")
+    assert [r["loss"] for r in recompute] == [r["loss"] for r in plain]
+    assert [r["grad_norm"] for r in recompute] == [r["grad_norm"] for r in plain]

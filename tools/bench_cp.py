@@ -38,9 +38,9 @@ measured" per P: the formulas above against the ledger, rank by rank.
 Part two evaluates the same formulas (no processes) for Qwen3 0.6B-14B at S = 128k and 256k on
 P = 8..64 GPUs of one CP group, bf16 activations, TTT MLPs on every 4th layer.
 
-The acceptance point is S=4096: activation memory per rank at P=4 at most 0.4 of P=1.
+The acceptance point is the default S=4096: activation memory per rank at P=4 at most 0.4 of P=1.
 
-    python -m tools.bench_cp                  # S=4096, P in 1 2 4
+    python -m tools.bench_cp                  # S=4096, P in 1 2 4, about two minutes
     python -m tools.bench_cp --quick          # S=1024, about a minute
     python -m tools.bench_cp --seq-len 8192 --ranks 1 2 --json
 """
@@ -84,7 +84,7 @@ ACTIVATION_RATIO_LIMIT = 0.4
 PURPOSES = ("attention", "fastweight_scan", "halo")
 STATE_BYTES = 4  # the scan's states accumulate in fp32
 POSITION_BYTES = 8  # int64 position ids
-LR = 0.1
+LR = 0.1  # the NTP projection starts at zero; memory, time and bytes do not depend on it
 GB = 1e9
 
 
@@ -103,7 +103,7 @@ TINY_VOCAB = 1024
 TINY_TTT_LAYERS = "every:2"
 TINY_ACTIVATION_BYTES = 4  # fp32
 
-QWEN3 = {
+QWEN3 = {  # published configs: hidden, intermediate, layers, heads, kv heads, head_dim
     "0.6B": Arch(1024, 3072, 28, 16, 8, 128),
     "1.7B": Arch(2048, 6144, 28, 16, 8, 128),
     "4B": Arch(2560, 9728, 36, 32, 8, 128),
@@ -502,7 +502,13 @@ def _json_report(rows: list[Row], checks: list[tuple[bool, str]], ratio: float |
         {
             "settings": asdict(settings),
             "measured": [
-                {"ranks": r.ranks, "shard_tokens": r.shard_tokens, "model_matches": ok, "ranks_results": r.results}
+                {
+                    "ranks": r.ranks,
+                    "shard_tokens": r.shard_tokens,
+                    "activation_ratio": _activation_ratio(r, rows[0]),
+                    "model_matches": ok,
+                    "per_rank": r.results,
+                }
                 for r, (ok, _) in zip(rows, checks)
             ],
             "activation_ratio_at_acceptance": ratio,

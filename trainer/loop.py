@@ -108,6 +108,7 @@ def _ttt_update_norms(model, ranks: Ranks) -> dict[str, float]:
 def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path | None:
     """Train `job` in `run_dir`; returns the last checkpoint written."""
     ranks = setup_ranks(job.parallel.cp)
+    run_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(job.model, job.ttt, ranks.device, job.seed)
     if ranks.cp_size > 1:
         apply_cp(model, ranks.cp_group, job.parallel.attention)

@@ -36,6 +36,6 @@ def enable_activation_checkpointing(model) -> None:
             return contextlib.nullcontext(), contextlib.nullcontext()
         return contextlib.nullcontext(), context.restored(context.snapshot())
 
-    model.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn}
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn}
     )

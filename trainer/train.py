@@ -45,7 +45,6 @@ def worker(tree: dict, run_dir: str, wandb_group: str | None) -> None:
         dist.broadcast_object_list(shared, src=0)  # every rank writes under rank 0's run directory
         run_dir = shared[0]
     try:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
         run(job, Path(run_dir), wandb_group)
     finally:
         if dist.is_initialized():
