@@ -15,7 +15,6 @@ import functools
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
@@ -41,8 +40,27 @@ def _gather_positions(position_ids: torch.Tensor, batch: int, group) -> torch.Te
 
 def _gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """All-gather (B, H, S_local, D) shards into (B, H, S, D); the gradient is reduce-scattered back."""
-    gathered = funcol.all_gather_single_autograd(x.permute(2, 0, 1, 3).contiguous(), gather_dim=0, group=group)
-    return gathered.permute(1, 2, 0, 3)
+    return _GatherSequence.apply(x, group)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Synchronous collectives: the asynchronous functional ones let gloo write into buffers that the
+    CPU backward had already freed (heap corruption under load)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        shards = x.movedim(2, 0).contiguous()  # the sequence dim first: collectives concatenate along dim 0
+        gathered = shards.new_empty((shards.shape[0] * dist.get_world_size(group), *shards.shape[1:]))
+        dist.all_gather_into_tensor(gathered, shards, group=group)
+        return gathered.movedim(0, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = grad.movedim(2, 0).contiguous()
+        mine = grads.new_empty((grads.shape[0] // dist.get_world_size(ctx.group), *grads.shape[1:]))
+        dist.reduce_scatter_tensor(mine, grads, group=ctx.group)
+        return mine.movedim(0, 2), None
 
 
 def document_attention(query, key, value, q_start, doc_ids, scaling, dropout, sliding_window):

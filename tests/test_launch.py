@@ -1,0 +1,88 @@
+"""launch/ end to end on CPU: a worker killed under torchrun --max-restarts comes back and resumes on its own."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+from test_train import metrics
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, EVERY = 40, 5  # ~0.1 s a step on 2 CPU cores: the kill lands a step or two after step-5, long before the end
+
+
+def _worker(agent: psutil.Process, local_rank: int) -> psutil.Process | None:
+    """The trainer.train process torchrun runs as `local_rank`, if there is one."""
+    for child in agent.children(recursive=True):
+        try:
+            if "trainer.train" in child.cmdline() and child.environ().get("LOCAL_RANK") == str(local_rank):
+                return child
+        except psutil.Error:  # gone, or a zombie, between listing and reading it
+            continue
+    return None
+
+
+def _kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL the agent and every worker: torchrun starts each worker in a session of its own."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in family:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(family, timeout=10)
+
+
+def test_killed_worker_is_restarted_and_resumes_from_the_latest_checkpoint(tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
+    env = {**os.environ, "NPROC": "2", "MAX_RESTARTS": "1", "RUN_DIR": str(run_dir), "WANDB_SILENT": "true"}
+    args = ["experiment=smoke", f"train.steps={STEPS}", f"checkpoint.every={EVERY}", "logging.wandb.mode=disabled",
+            "parallel.cp=2"]  # fmt: skip
+
+    def fail(why: str) -> AssertionError:
+        return AssertionError(f"{why}; launcher output:\n{log.read_text()[-4000:]}")
+
+    def wait_for(condition, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if found := condition():
+                return found
+            if proc.poll() is not None:
+                raise fail(f"the launcher exited ({proc.returncode}) before {what}")
+            time.sleep(0.05)
+        raise fail(f"no {what} after {timeout} s")
+
+    with log.open("w") as out:
+        proc = subprocess.Popen([REPO / "launch" / "single_node.sh", *args], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            wait_for((run_dir / "checkpoints" / f"step-{EVERY}" / "meta.json").exists, 90, f"checkpoint step-{EVERY}")
+            agent = psutil.Process(proc.pid)  # the script execs torchrun: this is the elastic agent
+            victim = wait_for(lambda: _worker(agent, local_rank=1), 10, "worker with LOCAL_RANK=1")
+            assert len(metrics(run_dir)) < STEPS, "the run finished before a worker could be killed"
+            victim.kill()
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                raise fail("the job did not finish within 90 s of the kill") from None
+        finally:
+            if proc.poll() is None:
+                _kill_all(proc)
+    output = log.read_text()
+    if proc.returncode != 0:
+        raise fail(f"the launcher exited with {proc.returncode}")
+    resumed = re.search(r"resumed from \S+/step-(\d+) at step (\d+)", output)
+    assert resumed, output[-4000:]
+    assert resumed[1] == resumed[2] and EVERY <= int(resumed[2]) < STEPS
+    assert [row["step"] for row in metrics(run_dir)] == list(range(1, STEPS + 1))  # the redone steps replace the old
+    assert (run_dir / "checkpoints" / f"step-{STEPS}" / "meta.json").exists()
