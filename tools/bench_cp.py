@@ -70,7 +70,7 @@ from parallel.context_parallel import apply_cp
 from parallel.mesh import check_cp
 from parallel.sharding import IGNORE_INDEX, next_token_labels, shard_batch
 from parallel.state_scan import scan_rounds
-from tools.bench_fastweight import MIB, _OneLineErrorParser, _peak_bytes, _positive_int
+from tools.benchutil import MIB, OneLineErrorParser, peak_bytes, positive_int
 from trainer.ttt import TTTConfig, patch_model
 
 DEFAULT_SEQ_LEN = 4096
@@ -217,7 +217,7 @@ def _storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
     return [storage for name in names for storage in _storages(getattr(tensor, name))]
 
 
-def _activation_and_peak_bytes(step: Callable[[], None], model: torch.nn.Module) -> tuple[int, int]:
+def _activation_andpeak_bytes(step: Callable[[], None], model: torch.nn.Module) -> tuple[int, int]:
     """Saved-for-backward bytes (unique storages, parameters excluded) and the RSS peak of one step."""
     storage_bytes: dict[int, int] = {}
 
@@ -230,7 +230,7 @@ def _activation_and_peak_bytes(step: Callable[[], None], model: torch.nn.Module)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             step()
 
-    peak = _peak_bytes(hooked_step, torch.device("cpu"))
+    peak = peak_bytes(hooked_step, torch.device("cpu"))
     for param in model.parameters():
         storage_bytes.pop(param.untyped_storage().data_ptr(), None)
     return sum(storage_bytes.values()), peak
@@ -252,7 +252,7 @@ def measure_rank(rank: int, ranks: int, settings: Settings) -> RankResult:
     _make_step(model, 2 * settings.chunk_size * ranks, rank, ranks)()
     step = _make_step(model, settings.seq_len, rank, ranks)
     LEDGER.reset()
-    activation, peak = _activation_and_peak_bytes(step, model)
+    activation, peak = _activation_andpeak_bytes(step, model)
     bytes_sent = {purpose: LEDGER.bytes_sent[purpose] for purpose in PURPOSES}
     return RankResult(activation, peak, _median_step_ms(step, settings.repeats), bytes_sent)
 
@@ -472,13 +472,13 @@ PROJECTION_CAPTION = (
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _OneLineErrorParser(prog="python -m tools.bench_cp", description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--seq-len", type=_positive_int, help=f"global tokens S (default {DEFAULT_SEQ_LEN})")
+    parser = OneLineErrorParser(prog="python -m tools.bench_cp", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--seq-len", type=positive_int, help=f"global tokens S (default {DEFAULT_SEQ_LEN})")
     parser.add_argument(
-        "--ranks", type=_positive_int, nargs="+", default=DEFAULT_RANKS, help="CP degrees, 1 included (default 1 2 4)"
+        "--ranks", type=positive_int, nargs="+", default=DEFAULT_RANKS, help="CP degrees, 1 included (default 1 2 4)"
     )
-    parser.add_argument("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK, help=f"C (default {DEFAULT_CHUNK})")
-    parser.add_argument("--repeats", type=_positive_int, help=f"timed steps (default {DEFAULT_REPEATS})")
+    parser.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK, help=f"C (default {DEFAULT_CHUNK})")
+    parser.add_argument("--repeats", type=positive_int, help=f"timed steps (default {DEFAULT_REPEATS})")
     parser.add_argument("--quick", action="store_true", help=f"S={QUICK_SEQ_LEN}, fewer repeats")
     parser.add_argument("--json", action="store_true", help="rows as JSON instead of tables")
     args = parser.parse_args(argv)

@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -49,6 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tools.benchutil import MIB, OneLineErrorParser, peak_bytes, positive_int, synchronize
 from trainer.ttt.fastweight import chunk_scan, naive_fastweight
 from trainer.ttt.layout import build_layout
 
@@ -60,7 +59,6 @@ QUICK_REPEATS = 2
 MEMORY_RATIO_LIMIT = 0.25
 TIME_RATIO_LIMIT = 1.0
 LR = 0.01
-MIB = 2**20
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -143,37 +141,6 @@ def _make_step(forward: Callable[[], torch.Tensor], layer: _Layer) -> Callable[[
     return step
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _current_rss_bytes() -> int:
-    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def _rss_high_water_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def _peak_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Memory the step needs above what is held before it."""
-    if device.type == "cuda":
-        _synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        _synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    before, high_water_before = _current_rss_bytes(), _rss_high_water_bytes()
-    step()
-    high_water = _rss_high_water_bytes()
-    if high_water == high_water_before:
-        print("warning: the step did not raise the RSS high-water mark; its peak is an upper bound", file=sys.stderr)
-    return high_water - before
-
-
 def _saved_activation_bytes(forward: Callable[[], torch.Tensor], layer: _Layer) -> int:
     """Bytes of the unique storages autograd keeps for backward, inputs and parameters excluded."""
     storage_bytes: dict[int, int] = {}
@@ -193,10 +160,10 @@ def _saved_activation_bytes(forward: Callable[[], torch.Tensor], layer: _Layer) 
 def _median_ms(step: Callable[[], None], repeats: int, device: torch.device) -> float:
     times = []
     for _ in range(repeats):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         step()
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -217,7 +184,7 @@ def measure(variant: str, shape: Shape, repeats: int) -> Measurement:
     layer = _build_layer(shape, device)
     forward = _make_forward(variant, layer, shape)
     step = _make_step(forward, layer)
-    peak = _peak_bytes(step, device)
+    peak = peak_bytes(step, device)
     saved = _saved_activation_bytes(forward, layer)
     return Measurement(peak_mib=peak / MIB, saved_mib=saved / MIB, ms=_median_ms(step, repeats, device))
 
@@ -350,32 +317,17 @@ def _acceptance_line(row: Row) -> str:
 # --- command line ----------------------------------------------------------------------------------
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _OneLineErrorParser(prog="python -m tools.bench_fastweight", description=__doc__.split("\n", 1)[0])
+    parser = OneLineErrorParser(prog="python -m tools.bench_fastweight", description=__doc__.split("\n", 1)[0])
     parser.add_argument(
-        "--seq-lens", type=_positive_int, nargs="+", help=f"default {' '.join(map(str, DEFAULT_SEQ_LENS))}"
+        "--seq-lens", type=positive_int, nargs="+", help=f"default {' '.join(map(str, DEFAULT_SEQ_LENS))}"
     )
-    parser.add_argument("--chunk-size", type=_positive_int, default=16, help="C (default 16)")
-    parser.add_argument("--hidden", type=_positive_int, default=128, help="d (default 128)")
-    parser.add_argument("--intermediate", type=_positive_int, default=2048, help="h (default 2048)")
-    parser.add_argument("--repeats", type=_positive_int, help=f"timed fwd+bwd runs (default {DEFAULT_REPEATS})")
+    parser.add_argument("--chunk-size", type=positive_int, default=16, help="C (default 16)")
+    parser.add_argument("--hidden", type=positive_int, default=128, help="d (default 128)")
+    parser.add_argument("--intermediate", type=positive_int, default=2048, help="h (default 2048)")
+    parser.add_argument("--repeats", type=positive_int, help=f"timed fwd+bwd runs (default {DEFAULT_REPEATS})")
     parser.add_argument(
-        "--threads", type=_positive_int, default=torch.get_num_threads(), help="CPU threads (default: torch's)"
+        "--threads", type=positive_int, default=torch.get_num_threads(), help="CPU threads (default: torch's)"
     )
     parser.add_argument("--quick", action="store_true", help=f"small fast run: S in {QUICK_SEQ_LENS}, fewer repeats")
     output = parser.add_mutually_exclusive_group()
@@ -394,7 +346,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         if variant not in VARIANTS:
             parser.error(f"--one: variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         try:
-            args.one = (variant, _positive_int(seq_len))
+            args.one = (variant, positive_int(seq_len))
         except argparse.ArgumentTypeError as err:
             parser.error(f"--one: {err}")
     return args
