@@ -6,6 +6,10 @@
 set -euo pipefail
 : "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}" "${RUN_DIR:?set RUN_DIR}"
 NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count() or 1)")}
+# A restarted worker group must not reuse the dead group's rendezvous store: with the shared store
+# (torch's default) restarted gloo/NCCL workers read stale peer addresses and fail or hang
+# (pytorch/pytorch#135712, #167288).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-$(basename "$RUN_DIR")}" \
   --max-restarts "${MAX_RESTARTS:-3}" --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \

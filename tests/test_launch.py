@@ -72,9 +72,9 @@ def test_killed_worker_is_restarted_and_resumes_from_the_latest_checkpoint(tmp_p
             assert len(metrics(run_dir)) < STEPS, "the run finished before a worker could be killed"
             victim.kill()
             try:
-                proc.wait(timeout=90)
+                proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                raise fail("the job did not finish within 90 s of the kill") from None
+                raise fail("the job did not finish within 60 s of the kill") from None
         finally:
             if proc.poll() is None:
                 _kill_all(proc)
