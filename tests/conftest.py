@@ -9,45 +9,31 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 VOCAB = 61
 
 
-def tiny_qwen3(layers: int = 2, dtype=torch.float64) -> Qwen3ForCausalLM:
-    cfg = Qwen3Config(
+def _shape(layers: int) -> dict:
+    """The dimensions every tiny test model shares."""
+    return dict(
         vocab_size=VOCAB,
         hidden_size=24,
         intermediate_size=40,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=6,
-        tie_word_embeddings=False,
     )
+
+
+def tiny_qwen3(layers: int = 2, dtype=torch.float64) -> Qwen3ForCausalLM:
+    cfg = Qwen3Config(**_shape(layers), head_dim=6, tie_word_embeddings=False)
     return Qwen3ForCausalLM(cfg).to(dtype).eval()
 
 
 def tiny_llama(layers: int = 2, dtype=torch.float64) -> LlamaForCausalLM:
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=24,
-        intermediate_size=40,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        mlp_bias=True,
-    )
+    cfg = LlamaConfig(**_shape(layers), mlp_bias=True)
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
 def tiny_mistral(layers: int = 2, dtype=torch.float64) -> MistralForCausalLM:
     """With a sliding window shorter than the test sequences, so windowed masks are exercised."""
-    cfg = MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=24,
-        intermediate_size=40,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=6,
-        sliding_window=6,
-    )
+    cfg = MistralConfig(**_shape(layers), head_dim=6, sliding_window=6)
     return MistralForCausalLM(cfg).to(dtype).eval()
 
 
