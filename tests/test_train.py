@@ -182,3 +182,11 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
     plain, recompute = metrics(tmp_path / "plain"), metrics(tmp_path / "recompute")
     assert [r["loss"] for r in recompute] == [r["loss"] for r in plain]
     assert [r["grad_norm"] for r in recompute] == [r["grad_norm"] for r in plain]
+
+
+def test_wandb_online_without_credentials_falls_back_to_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    run(compose_job(*FAST, "train.steps=2", "logging.wandb.mode=online"), tmp_path)
+    assert "logging offline" in capsys.readouterr().err
+    assert b"grad_norm" in wandb_history_file(tmp_path).read_bytes()

@@ -37,24 +37,34 @@ class WandbRun:
             print("wandb: no API key found, logging offline", file=sys.stderr)
             mode = "offline"
         try:
-            import wandb
-
-            self.run = wandb.init(
-                mode=mode,
-                project=cfg.project,
-                entity=cfg.entity,
-                group=cfg.group,
-                tags=list(cfg.tags),
-                config=config,
-                dir=str(run_dir),
-                id=run_id,
-                name=name,
-                resume="allow",
-                settings=wandb.Settings(init_timeout=120, console="off", silent=True),
-            )
+            self.run = self._init(mode, cfg, run_dir, config, run_id, name)
         except Exception as err:  # W&B must never take a training run down
-            warnings.warn(f"wandb disabled: {err}", stacklevel=2)
-            self.run = None
+            if mode == "online":  # e.g. no network: keep the history locally instead
+                warnings.warn(f"wandb online failed ({err}); logging offline", stacklevel=2)
+                try:
+                    self.run = self._init("offline", cfg, run_dir, config, run_id, name)
+                except Exception as err2:
+                    warnings.warn(f"wandb disabled: {err2}", stacklevel=2)
+            else:
+                warnings.warn(f"wandb disabled: {err}", stacklevel=2)
+
+    @staticmethod
+    def _init(mode: str, cfg: WandbConfig, run_dir: Path, config: dict, run_id: str | None, name: str):
+        import wandb
+
+        return wandb.init(
+            mode=mode,
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group,
+            tags=list(cfg.tags),
+            config=config,
+            dir=str(run_dir),
+            id=run_id,
+            name=name,
+            resume="allow",
+            settings=wandb.Settings(init_timeout=120, console="off", silent=True),
+        )
 
     @property
     def run_id(self) -> str | None:
