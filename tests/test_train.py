@@ -115,14 +115,14 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
 
 
 def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
-    real_ce, calls = trainer.loop.F.cross_entropy, []
+    real_ce, calls = trainer.loop.linear_cross_entropy, []
 
     def nan_after_four(*args, **kwargs):
         calls.append(1)
         loss = real_ce(*args, **kwargs)
         return loss * float("nan") if len(calls) > 4 else loss
 
-    monkeypatch.setattr(trainer.loop.F, "cross_entropy", nan_after_four)
+    monkeypatch.setattr(trainer.loop, "linear_cross_entropy", nan_after_four)
     job = compose_job(*FAST, "train.steps=20")
     with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row.*step-6"):
         run(job, tmp_path)

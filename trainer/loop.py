@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from parallel.context_parallel import apply_cp
@@ -21,6 +20,7 @@ from trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from trainer.config import JobConfig
 from trainer.data import SequenceLoader, build_dataset
 from trainer.faults import PreemptionFlag
+from trainer.loss import linear_cross_entropy
 from trainer.model import build_model, enable_activation_checkpointing
 from trainer.optim import build_optimizer, set_lr
 from trainer.tracking import MetricsFile, WandbRun
@@ -80,9 +80,9 @@ def train_step(model, optimizer, loader: SequenceLoader, job: JobConfig, ranks: 
     for batch in batches:
         local = {k: v.to(ranks.device) for k, v in shard_batch(batch, ranks.cp_rank, ranks.cp_size).items()}
         with autocast:
-            logits = model(local["input_ids"], position_ids=local["position_ids"], use_cache=False).logits
-        ce = F.cross_entropy(logits.float().flatten(0, 1), local["labels"].flatten(), ignore_index=IGNORE_INDEX,
-                             reduction="sum")  # fmt: skip
+            out = model.get_decoder()(local["input_ids"], position_ids=local["position_ids"], use_cache=False)
+        head = model.get_output_embeddings().weight  # the loss never materializes the full logits
+        ce = linear_cross_entropy(out.last_hidden_state.flatten(0, 1), head, local["labels"].flatten())
         (ce / total).backward()
         loss_sum += ce.detach()
     sync_gradients(model)
