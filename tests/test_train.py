@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 
 import trainer.checkpoint
 import trainer.loop
+import trainer.model
 from trainer.checkpoint import complete_checkpoints, load_checkpoint
 from trainer.config import job_config
 from trainer.loop import NonFiniteLossError, run
@@ -115,14 +116,14 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
 
 
 def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
-    real_ce, calls = trainer.loop.linear_cross_entropy, []
+    real_ce, calls = trainer.model.linear_cross_entropy, []
 
     def nan_after_four(*args, **kwargs):
         calls.append(1)
         loss = real_ce(*args, **kwargs)
         return loss * float("nan") if len(calls) > 4 else loss
 
-    monkeypatch.setattr(trainer.loop, "linear_cross_entropy", nan_after_four)
+    monkeypatch.setattr(trainer.model, "linear_cross_entropy", nan_after_four)
     job = compose_job(*FAST, "train.steps=20")
     with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row.*step-6"):
         run(job, tmp_path)
@@ -190,3 +191,17 @@ def test_wandb_online_without_credentials_falls_back_to_offline(tmp_path, monkey
     run(compose_job(*FAST, "train.steps=2", "logging.wandb.mode=online"), tmp_path)
     assert "logging offline" in capsys.readouterr().err
     assert b"grad_norm" in wandb_history_file(tmp_path).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "engine,cp,accum",
+    [("fsdp2", 1, 2), ("ddp", 2, 1)],  # dp=2 consumes two sequences a step: the reference accumulates two
+)
+def test_engines_on_two_processes_match_one_process(tmp_path, engine, cp, accum):
+    two, one = tmp_path / "two", tmp_path / "one"
+    quiet = "logging.wandb.mode=disabled"
+    cli("experiment=smoke", f"parallel.engine={engine}", f"parallel.cp={cp}", quiet, f"hydra.run.dir={two}")
+    cli(*FAST, f"train.grad_accum={accum}", quiet, f"hydra.run.dir={one}")
+    for got, want in zip(metrics(two), metrics(one), strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)

@@ -14,9 +14,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from parallel.attention import KINDS as ATTENTION_KINDS
+from parallel.engine import ENGINES
 from trainer.ttt import TTTConfig
 
-ENGINES = ("ddp",)
 WANDB_MODES = ("online", "offline", "disabled")
 DTYPES = ("float32", "bfloat16", "float64")
 

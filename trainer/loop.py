@@ -10,18 +10,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from parallel.context_parallel import apply_cp
-from parallel.engine import sync_gradients
+from parallel.engine import apply_fsdp, sync_gradients
 from parallel.mesh import build_mesh
 from parallel.sharding import IGNORE_INDEX, shard_batch
 from trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from trainer.config import JobConfig
 from trainer.data import SequenceLoader, build_dataset
 from trainer.faults import PreemptionFlag
-from trainer.loss import linear_cross_entropy
-from trainer.model import build_model, enable_activation_checkpointing
+from trainer.model import CausalLMLoss, build_model, enable_activation_checkpointing
 from trainer.optim import build_optimizer, set_lr
 from trainer.tracking import MetricsFile, WandbRun
 from trainer.ttt.mlp import FastWeightMLP
@@ -69,7 +69,7 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def train_step(model, optimizer, loader: SequenceLoader, job: JobConfig, ranks: Ranks) -> dict:
+def train_step(step_model, optimizer, loader: SequenceLoader, job: JobConfig, ranks: Ranks) -> dict:
     """One optimizer step over `grad_accum` micro-batches; the loss is the mean over every real token
     of the step across all data- and context-parallel ranks."""
     batches = [loader.next_batch() for _ in range(job.train.grad_accum)]
@@ -77,17 +77,22 @@ def train_step(model, optimizer, loader: SequenceLoader, job: JobConfig, ranks: 
     total = _all_reduce(real, ranks.dp_group)  # every CP rank holds the same full sequences
     loss_sum = torch.zeros((), device=ranks.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=ranks.device.type == "cuda")
-    for batch in batches:
+    sharded = job.parallel.engine == "fsdp2" and ranks.world > 1
+    scale = ranks.world if sharded else 1  # FSDP2 averages gradients over ranks; the job needs their sum
+    for micro, batch in enumerate(batches):
+        if sharded:  # reduce-scatter gradients once, after the last micro-batch
+            step_model.set_requires_gradient_sync(micro == len(batches) - 1)
         local = {k: v.to(ranks.device) for k, v in shard_batch(batch, ranks.cp_rank, ranks.cp_size).items()}
         with autocast:
-            out = model.get_decoder()(local["input_ids"], position_ids=local["position_ids"], use_cache=False)
-        head = model.get_output_embeddings().weight  # the loss never materializes the full logits
-        ce = linear_cross_entropy(out.last_hidden_state.flatten(0, 1), head, local["labels"].flatten())
-        (ce / total).backward()
+            ce = step_model(local["input_ids"], local["position_ids"], local["labels"])
+        (ce * scale / total).backward()
         loss_sum += ce.detach()
-    sync_gradients(model)
+    if job.parallel.engine == "ddp":
+        sync_gradients(step_model)
     clip = job.train.grad_clip if job.train.grad_clip is not None else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(step_model.parameters(), clip)
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
     loss = _all_reduce(loss_sum) / total
     finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
     if finite:
@@ -114,7 +119,10 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
         apply_cp(model, ranks.cp_group, job.parallel.attention)
     if job.train.activation_checkpointing:
         enable_activation_checkpointing(model)
-    model.train()
+    step_model = CausalLMLoss(model)
+    if ranks.world > 1 and job.parallel.engine == "fsdp2":
+        apply_fsdp(step_model, model._no_split_modules, ranks.device)
+    step_model.train()
     optimizer = build_optimizer(model, job.optim)
     dataset = build_dataset(job.data.name, job.data.seq_len, model.config.vocab_size, job.seed, job.data.options)
     loader = SequenceLoader(dataset, job.data.batch_size, ranks.dp_rank, ranks.dp_size)
@@ -148,7 +156,7 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
         for step in range(start, job.train.steps):
             lr = set_lr(optimizer, step, job.train.steps, job.optim)
             began = time.perf_counter()
-            stats = train_step(model, optimizer, loader, job, ranks)
+            stats = train_step(step_model, optimizer, loader, job, ranks)
             elapsed = time.perf_counter() - began
             done = step + 1
             bad_in_a_row = 0 if stats["finite"] else bad_in_a_row + 1

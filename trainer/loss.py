@@ -2,11 +2,15 @@
 
 For long sequences the logits dominate activation memory (128k tokens x 152k vocab in fp32 is 80 GB).
 `linear_cross_entropy` computes the summed loss chunk by chunk of tokens and recomputes each chunk's
-logits in the backward, so it holds one (chunk x vocab) block at a time. `naive_linear_cross_entropy`
-is the plain reference it is tested against.
+logits in the backward, so it holds one (chunk x vocab) block at a time. On CUDA it runs the Triton
+kernels of trainer/loss_triton.py instead, which hold only (block x block) tiles of logits, in registers.
+`naive_linear_cross_entropy` is the plain reference both paths are tested against.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +27,24 @@ def naive_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096
 ) -> torch.Tensor:
-    """Sum over tokens of CE(hidden @ weight^T, labels), ignoring IGNORE_INDEX; hidden (N, d), weight (V, d)."""
+    """Sum over tokens of CE(hidden @ weight^T, labels), ignoring IGNORE_INDEX; hidden (N, d), weight (V, d).
+
+    CUDA tensors in bf16, fp16 or fp32 go to the Triton kernels (which ignore `chunk_size`); the rest,
+    CPU and fp64, to the chunked torch path.
+    """
+    if hidden.is_cuda and _triton_available() and torch.promote_types(hidden.dtype, weight.dtype) in _TRITON_DTYPES:
+        from trainer.loss_triton import triton_linear_cross_entropy  # late: CPU runs never load triton
+
+        return triton_linear_cross_entropy(hidden, weight, labels)
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
+
+
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@functools.cache
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from trainer.config import ModelConfig
+from trainer.loss import linear_cross_entropy
 from trainer.ttt import TTTConfig, patch_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -39,3 +41,20 @@ def enable_activation_checkpointing(model) -> None:
     model.activation_checkpointing_enable(
         activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn}
     )
+
+
+class CausalLMLoss(nn.Module):
+    """The decoder and its summed next-token loss in one forward.
+
+    One forward keeps FSDP2's root unit (embeddings, final norm, output head) gathered for both, and
+    the chunked loss never materializes the full logits.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.lm.get_decoder()(input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        head = self.lm.get_output_embeddings().weight
+        return linear_cross_entropy(hidden.flatten(0, 1), head, labels.flatten())
