@@ -167,14 +167,14 @@ def register_cp_attention(kind: str, group) -> str:
     key = (kind, id(group))
     if key not in _registered:
         if kind == "ulysses":
-            _init_deepspeed_comm()
+            init_deepspeed_comm()
         name = f"cp_{kind}_{len(_registered)}"
         AttentionInterface.register(name, functools.partial(_FUNCTIONS[kind], cp_group=group))
         _registered[key] = name
     return _registered[key]
 
 
-def _init_deepspeed_comm() -> None:
+def init_deepspeed_comm() -> None:
     """DeepSpeed's collectives run over the already initialised torch.distributed group."""
     import deepspeed.comm
     import deepspeed.comm.torch

@@ -8,10 +8,15 @@ must be *summed* over all ranks.
   are sharded, parameters are gathered per layer and resharded after the forward; gradients are
   reduce-scattered as means (gloo has no pre-scaled sum), so the loop scales each rank's loss by the
   world size. On CUDA parameters compute in bf16 with fp32 reduction.
+- `deepspeed`: DeepSpeed ZeRO stage 2 (gradients and optimizer states sharded) or 3 (parameters too),
+  optionally with the optimizer states offloaded to CPU; DeepSpeed averages gradients over ranks
+  and divides the loss by the accumulation steps, so the loop scales each loss by both.
 - `ddp`: every rank holds the whole model; one flat all-reduce of the gradients after the backward.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -19,7 +24,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-ENGINES = ("fsdp2", "ddp")
+ENGINES = ("fsdp2", "deepspeed", "ddp")
 
 
 def apply_fsdp(model: torch.nn.Module, block_names, device: torch.device) -> torch.nn.Module:
@@ -51,3 +56,26 @@ def sync_gradients(model: torch.nn.Module) -> None:
     dist.all_reduce(flat)
     for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
         grad.copy_(synced)
+
+
+def init_deepspeed(model, optimizer, micro_batch: int, grad_accum: int, grad_clip, zero_stage: int, offload: bool):
+    """Wrap `model` and `optimizer` in a DeepSpeed engine; returns (engine, optimizer)."""
+    import deepspeed
+
+    from parallel.attention import init_deepspeed_comm
+
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it; torchrun sets it, a single process may not
+    init_deepspeed_comm()
+    zero = {"stage": zero_stage}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": torch.cuda.is_available()},
+        "steps_per_print": 2**31 - 1,  # the loop logs; keep DeepSpeed quiet
+    }
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine, optimizer

@@ -194,14 +194,32 @@ def test_wandb_online_without_credentials_falls_back_to_offline(tmp_path, monkey
 
 
 @pytest.mark.parametrize(
-    "engine,cp,accum",
-    [("fsdp2", 1, 2), ("ddp", 2, 1)],  # dp=2 consumes two sequences a step: the reference accumulates two
+    "overrides,accum",
+    [  # dp=2 consumes two sequences a step: the one-process reference accumulates two micro-batches
+        (["parallel.engine=fsdp2", "parallel.cp=1"], 2),
+        (["parallel.engine=ddp", "parallel.cp=2"], 1),
+        (["parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.cp=2"], 1),
+        (["parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.cp=1"], 2),
+    ],
+    ids=["fsdp2-dp2", "ddp-cp2", "zero2-cp2", "zero3-dp2"],
 )
-def test_engines_on_two_processes_match_one_process(tmp_path, engine, cp, accum):
+def test_engines_on_two_processes_match_one_process(tmp_path, overrides, accum):
     two, one = tmp_path / "two", tmp_path / "one"
     quiet = "logging.wandb.mode=disabled"
-    cli("experiment=smoke", f"parallel.engine={engine}", f"parallel.cp={cp}", quiet, f"hydra.run.dir={two}")
+    cli("experiment=smoke", *overrides, quiet, f"hydra.run.dir={two}")
     cli(*FAST, f"train.grad_accum={accum}", quiet, f"hydra.run.dir={one}")
     for got, want in zip(metrics(two), metrics(one), strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+
+
+def test_deepspeed_checkpoints_resume_through_the_same_logic(tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    engine = ["experiment=smoke", "parallel.engine=deepspeed", "logging.wandb.mode=disabled"]
+    cli(*engine, f"hydra.run.dir={full}")
+    assert (full / "checkpoints" / "step-3" / "deepspeed").is_dir()
+    cli(*engine, f"hydra.run.dir={resumed}", f"checkpoint.resume={full}/checkpoints/step-3")
+    for want, got in zip(metrics(full)[3:], metrics(resumed), strict=True):
+        assert got["step"] == want["step"] and got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    wrong = cli(*FAST, f"hydra.run.dir={tmp_path / 'x'}", f"checkpoint.resume={full}/checkpoints/step-3", check=False)
+    assert "is a deepspeed checkpoint; this job's engine reads dcp" in wrong.stderr

@@ -1,7 +1,8 @@
 """Checkpoints with torch.distributed.checkpoint (DCP), written atomically, resumable at any world size.
 
-Layout of `<run>/checkpoints/step-<N>/`: the DCP files of the model and optimizer, `meta.json`
-(step, data position, W&B run id, world size) and `rng-rank<r>.pt` per rank. A checkpoint is
+Layout of `<run>/checkpoints/step-<N>/`: the DCP files of the model and optimizer (or, for
+`parallel.engine=deepspeed`, DeepSpeed's own files under `deepspeed/`), `meta.json` (format, step,
+data position, W&B run id, world size) and `rng-rank<r>.pt` per rank. A checkpoint is
 written under `.step-<N>.partial/` and renamed when every rank has finished, so a crash mid-save
 leaves the previous checkpoint valid and the partial one ignored (and removed by the next save).
 DCP reshards on load, so a run may resume with another number of processes or CP degree.
@@ -22,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_DEEPSPEED_TAG = "deepspeed"  # DeepSpeed's subfolder inside a checkpoint directory
 
 
 # DCP warns on every single-process save/load; that is how one-process jobs run here.
@@ -65,7 +67,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, meta: dict, keep: int) -> Path:
+def save_checkpoint(root: Path, step: int, model, optimizer, meta: dict, keep: int, deepspeed_engine=None) -> Path:
+    """Write checkpoint `step` atomically; DeepSpeed jobs use DeepSpeed's own format inside the same layout."""
     final = root / f"step-{step}"
     partial = root / f".step-{step}.partial"
     if _rank() == 0:
@@ -73,9 +76,13 @@ def save_checkpoint(root: Path, step: int, model, optimizer, meta: dict, keep: i
             shutil.rmtree(stale)
         partial.mkdir(parents=True)
     _barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial, no_dist=not dist.is_initialized())
+    if deepspeed_engine is not None:
+        deepspeed_engine.save_checkpoint(str(partial), tag=_DEEPSPEED_TAG)
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial, no_dist=not dist.is_initialized())
     torch.save(_rng_state(), partial / f"rng-rank{_rank()}.pt")
+    meta = {**meta, "format": "deepspeed" if deepspeed_engine is not None else "dcp"}
     _barrier()
     if _rank() == 0:
         (partial / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": _world()}, indent=1))
@@ -101,13 +108,19 @@ def resolve_resume(root: Path, resume: str | None) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Load model and optimizer in place (resharding as needed); returns the checkpoint's meta."""
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+def load_checkpoint(path: Path, model, optimizer, deepspeed_engine=None) -> dict:
+    """Load model and optimizer in place (DCP reshards as needed); returns the checkpoint's meta."""
     meta = json.loads((path / "meta.json").read_text())
+    wanted = "deepspeed" if deepspeed_engine is not None else "dcp"
+    if meta.get("format", "dcp") != wanted:
+        raise ValueError(f"{path} is a {meta.get('format', 'dcp')} checkpoint; this job's engine reads {wanted}")
+    if deepspeed_engine is not None:
+        deepspeed_engine.load_checkpoint(str(path), tag=_DEEPSPEED_TAG)
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = path / f"rng-rank{_rank()}.pt"
     if meta["world_size"] == _world() and rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))

@@ -40,6 +40,8 @@ class ParallelConfig:
     nproc_per_node: int  # processes this job launches itself when not started by torchrun
     engine: str
     attention: str
+    zero_stage: int  # deepspeed only: 2 or 3
+    offload: bool  # deepspeed only: optimizer states in CPU memory
 
 
 @dataclass(frozen=True)
@@ -166,11 +168,15 @@ def job_config(cfg: DictConfig | dict) -> JobConfig:
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
+    zero_stage = par.get("zero_stage", 2)
+    _require(zero_stage in (2, 3), "parallel.zero_stage", "2 or 3", zero_stage)
     parallel_cfg = ParallelConfig(
         cp=_int(par, "cp", "parallel"),
         nproc_per_node=_int(par, "nproc_per_node", "parallel"),
         engine=_choice(par, "engine", "parallel", ENGINES),
         attention=_choice(par, "attention", "parallel", ATTENTION_KINDS),
+        zero_stage=zero_stage,
+        offload=bool(par.get("offload", False)),
     )
     seq_len = _int(data, "seq_len", "data")
     multiple = parallel_cfg.cp * ttt_cfg.chunk_size if ttt_cfg.method != "none" else parallel_cfg.cp

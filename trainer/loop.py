@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from parallel.context_parallel import apply_cp
-from parallel.engine import apply_fsdp, sync_gradients
+from parallel.engine import apply_fsdp, init_deepspeed, sync_gradients
 from parallel.mesh import build_mesh
 from parallel.sharding import IGNORE_INDEX, shard_batch
 from trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -77,23 +77,36 @@ def train_step(step_model, optimizer, loader: SequenceLoader, job: JobConfig, ra
     total = _all_reduce(real, ranks.dp_group)  # every CP rank holds the same full sequences
     loss_sum = torch.zeros((), device=ranks.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=ranks.device.type == "cuda")
-    sharded = job.parallel.engine == "fsdp2" and ranks.world > 1
-    scale = ranks.world if sharded else 1  # FSDP2 averages gradients over ranks; the job needs their sum
+    engine = job.parallel.engine if ranks.world > 1 else "single"
+    # FSDP2 and DeepSpeed average gradients over ranks, DeepSpeed also over micro-batches; the job's
+    # losses are pre-divided by the global token count, so it needs plain sums.
+    scale = {"fsdp2": ranks.world, "deepspeed": ranks.world * job.train.grad_accum}.get(engine, 1)
     for micro, batch in enumerate(batches):
-        if sharded:  # reduce-scatter gradients once, after the last micro-batch
-            step_model.set_requires_gradient_sync(micro == len(batches) - 1)
+        last = micro == len(batches) - 1
+        if engine == "fsdp2":  # reduce-scatter gradients once, after the last micro-batch
+            step_model.set_requires_gradient_sync(last)
         local = {k: v.to(ranks.device) for k, v in shard_batch(batch, ranks.cp_rank, ranks.cp_size).items()}
         with autocast:
             ce = step_model(local["input_ids"], local["position_ids"], local["labels"])
-        (ce * scale / total).backward()
         loss_sum += ce.detach()
-    if job.parallel.engine == "ddp":
+        if engine == "deepspeed":
+            step_model.backward(ce * scale / total)
+            if not last:
+                step_model.step()  # DeepSpeed counts micro-steps; it only steps at the boundary
+        else:
+            (ce * scale / total).backward()
+    loss = _all_reduce(loss_sum) / total
+    if engine == "deepspeed":
+        if not torch.isfinite(loss):  # DeepSpeed skips steps only for fp16 overflow
+            raise NonFiniteLossError("non-finite loss under parallel.engine=deepspeed, which cannot skip a step")
+        step_model.step()  # clips, steps and zeroes the gradients
+        return {"loss": float(loss), "grad_norm": float(step_model.get_global_grad_norm()), "finite": True}
+    if engine == "ddp":
         sync_gradients(step_model)
     clip = job.train.grad_clip if job.train.grad_clip is not None else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(step_model.parameters(), clip)
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
-    loss = _all_reduce(loss_sum) / total
     finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
     if finite:
         optimizer.step()
@@ -124,6 +137,13 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
         apply_fsdp(step_model, model._no_split_modules, ranks.device)
     step_model.train()
     optimizer = build_optimizer(model, job.optim)
+    deepspeed_engine = None
+    if ranks.world > 1 and job.parallel.engine == "deepspeed":
+        step_model, optimizer = init_deepspeed(
+            step_model, optimizer, job.data.batch_size, job.train.grad_accum, job.train.grad_clip,
+            job.parallel.zero_stage, job.parallel.offload,
+        )  # fmt: skip
+        deepspeed_engine = step_model
     dataset = build_dataset(job.data.name, job.data.seq_len, model.config.vocab_size, job.seed, job.data.options)
     loader = SequenceLoader(dataset, job.data.batch_size, ranks.dp_rank, ranks.dp_size)
 
@@ -131,7 +151,7 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
     resume_from = resolve_resume(ckpt_root, job.checkpoint.resume)
     start, wandb_id, last_ckpt = 0, None, None
     if resume_from is not None:
-        meta = load_checkpoint(resume_from, model, optimizer)
+        meta = load_checkpoint(resume_from, model, optimizer, deepspeed_engine)
         start, wandb_id, last_ckpt = meta["step"], meta.get("wandb_run_id"), resume_from
         loader.load_state_dict(meta["data"])
         if ranks.rank == 0:
@@ -150,7 +170,7 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
 
     def checkpoint(step: int) -> Path:
         meta = {"data": loader.state_dict(), "wandb_run_id": wandb.run_id if wandb else None}
-        return save_checkpoint(ckpt_root, step, model, optimizer, meta, job.checkpoint.keep)
+        return save_checkpoint(ckpt_root, step, model, optimizer, meta, job.checkpoint.keep, deepspeed_engine)
 
     try:
         for step in range(start, job.train.steps):
