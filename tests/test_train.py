@@ -180,9 +180,12 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
                  "train.steps=3", "logging.wandb.mode=disabled"]  # fmt: skip
     run(compose_job(*overrides), tmp_path / "plain")
     run(compose_job(*overrides, "train.activation_checkpointing=true"), tmp_path / "recompute")
-    plain, recompute = metrics(tmp_path / "plain"), metrics(tmp_path / "recompute")
-    assert [r["loss"] for r in recompute] == [r["loss"] for r in plain]
-    assert [r["grad_norm"] for r in recompute] == [r["grad_norm"] for r in plain]
+    run(compose_job(*overrides, "train.activation_checkpointing=true", "train.checkpoint_every_n_layers=2"),
+        tmp_path / "selective")  # fmt: skip
+    plain = metrics(tmp_path / "plain")
+    for variant in ("recompute", "selective"):
+        assert [r["loss"] for r in metrics(tmp_path / variant)] == [r["loss"] for r in plain]
+        assert [r["grad_norm"] for r in metrics(tmp_path / variant)] == [r["grad_norm"] for r in plain]
 
 
 def test_wandb_online_without_credentials_falls_back_to_offline(tmp_path, monkeypatch, capsys):

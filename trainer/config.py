@@ -77,6 +77,7 @@ class TrainConfig:
     grad_accum: int
     grad_clip: float | None
     activation_checkpointing: bool
+    checkpoint_every_n_layers: int  # selective activation checkpointing: recompute every n-th layer
     max_nonfinite_steps: int
     progress: bool
 
@@ -221,6 +222,7 @@ def job_config(cfg: DictConfig | dict) -> JobConfig:
         grad_accum=_int(train, "grad_accum", "train"),
         grad_clip=None if clip is None else _number(train, "grad_clip", "train", positive=True),
         activation_checkpointing=bool(train.get("activation_checkpointing")),
+        checkpoint_every_n_layers=_int(train, "checkpoint_every_n_layers", "train"),
         max_nonfinite_steps=_int(train, "max_nonfinite_steps", "train"),
         progress=bool(train.get("progress", True)),
     )

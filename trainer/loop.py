@@ -131,7 +131,7 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
     if ranks.cp_size > 1:
         apply_cp(model, ranks.cp_group, job.parallel.attention)
     if job.train.activation_checkpointing:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, job.train.checkpoint_every_n_layers)
     step_model = CausalLMLoss(model)
     if ranks.world > 1 and job.parallel.engine == "fsdp2":
         apply_fsdp(step_model, model._no_split_modules, ranks.device)

@@ -28,9 +28,10 @@ def build_model(model_cfg: ModelConfig, ttt_cfg: TTTConfig, device: torch.device
     return model.to(device)
 
 
-def enable_activation_checkpointing(model) -> None:
-    """Recompute each decoder layer in the backward (transformers' own switch), with the TTT layout
-    of the forward restored during the recomputation."""
+def enable_activation_checkpointing(model, every_n_layers: int = 1) -> None:
+    """Recompute every n-th decoder layer in the backward (transformers' own switch; n > 1 keeps the
+    other layers' activations, trading memory back for speed), with the TTT layout of the forward
+    restored during the recomputation."""
     context = getattr(model, "ttt_context", None)
 
     def context_fn():
@@ -39,7 +40,8 @@ def enable_activation_checkpointing(model) -> None:
         return contextlib.nullcontext(), context.restored(context.snapshot())
 
     model.activation_checkpointing_enable(
-        activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn}
+        activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn},
+        every_n_layers=every_n_layers,
     )
 
 
