@@ -1,0 +1,205 @@
+"""The memory planner against measured CPU steps, tensor by tensor and at the peak; its command line.
+
+Run as a script (`python tests/test_plan_memory.py OVERRIDES...`) this file is the child process
+that measures one training step: a fresh process, so the RSS high-water mark is the step's own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from multiproc import run_ranks
+
+from parallel.context_parallel import apply_cp
+from parallel.sharding import shard_batch
+from tools.benchutil import peak_bytes
+from tools.plan_memory import (
+    GIB,
+    SHARDED,
+    compose_config,
+    main,
+    meta_model,
+    model_facts,
+    plan,
+    setup_of,
+    smallest_fitting_cp,
+    state_bytes,
+)
+from trainer.config import job_config
+from trainer.data import SequenceLoader, build_dataset
+from trainer.loop import setup_ranks, train_step
+from trainer.model import CausalLMLoss, build_model, enable_activation_checkpointing
+from trainer.optim import build_optimizer
+
+TOLERANCE = 0.25
+SMALL = [  # a somewhat larger Qwen3-style model than tiny, with a vocabulary the loss notices
+    "model.config.hidden_size=256",
+    "model.config.intermediate_size=1024",
+    "model.config.num_attention_heads=8",
+    "model.config.num_key_value_heads=4",
+    "model.config.head_dim=32",
+    "model.config.vocab_size=4096",
+]
+STEPS = {
+    "tiny": ["data.seq_len=4096"],
+    "small": [*SMALL, "data.seq_len=4096"],
+    "small-checkpointed": [*SMALL, "data.seq_len=4096", "train.activation_checkpointing=true"],
+    "small-every-2nd-layer-checkpointed": [
+        *SMALL,
+        "data.seq_len=4096",
+        "train.activation_checkpointing=true",
+        "train.checkpoint_every_n_layers=2",
+    ],
+}
+# Allocations above 64 KiB are mmapped and unmapped when freed, so the RSS follows live tensor bytes
+# instead of what glibc keeps cached.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _job(*overrides: str):
+    return job_config(compose_config(["parallel=single", *overrides]))
+
+
+def _planned(job, gpus: int = 1):
+    return plan(model_facts(meta_model(job)), setup_of(job, gpus, "cpu"))
+
+
+def measure_step(overrides: list[str]) -> int:
+    """Parameter and optimizer-state bytes plus the RSS peak of one training step above what was
+    resident before it, with the optimizer states created first (the planner plans the steady state)."""
+    job = _job(*overrides)
+    ranks = setup_ranks(1)
+    model = build_model(job.model, job.ttt, ranks.device, job.seed)
+    if job.train.activation_checkpointing:
+        enable_activation_checkpointing(model, job.train.checkpoint_every_n_layers)
+    step_model = CausalLMLoss(model).train()
+    optimizer = build_optimizer(model, job.optim)
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dataset = build_dataset(job.data.name, job.data.seq_len, model.config.vocab_size, job.seed, job.data.options)
+    loader = SequenceLoader(dataset, job.data.batch_size, 0, 1)
+    resident = [*model.parameters(), *(t for state in optimizer.state.values() for t in state.values() if t.dim())]
+    before = sum(t.numel() * t.element_size() for t in resident)
+    return before + peak_bytes(lambda: train_step(step_model, optimizer, loader, job, ranks), ranks.device)
+
+
+@pytest.mark.parametrize("case", sorted(STEPS))
+def test_planned_peak_is_within_25_percent_of_a_measured_step(case):
+    overrides = STEPS[case]
+    result = subprocess.run(
+        [sys.executable, __file__, *overrides], capture_output=True, text=True, env={**os.environ, **MALLOC_ENV}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = int(result.stdout.split()[-1])
+    planned = _planned(_job(*overrides)).total
+    assert abs(planned - measured) <= TOLERANCE * measured, f"{case}: planned {planned:,}, measured {measured:,}"
+
+
+def _saved_bytes(job, rank: int = 0, ranks: int = 1) -> int:
+    """Bytes of the distinct storages autograd saves in one forward and loss on this rank's shard,
+    parameters excluded."""
+    model = build_model(job.model, job.ttt, torch.device("cpu"), job.seed)
+    if ranks > 1:
+        apply_cp(model, dist.group.WORLD, job.parallel.attention)
+    batch = build_dataset(job.data.name, job.data.seq_len, model.config.vocab_size, job.seed, job.data.options)[0]
+    local = shard_batch(batch, rank, ranks)
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        CausalLMLoss(model).train()(local["input_ids"], local["position_ids"], local["labels"])
+    for param in model.parameters():
+        storages.pop(param.untyped_storage().data_ptr(), None)
+    return sum(storages.values())
+
+
+def _planned_saved(job, gpus: int = 1) -> int:
+    """What the planner says is held when the backward starts: activations and incoming CP states."""
+    held = _planned(job, gpus).moments["loss backward"]
+    return held["activations"] + held["fast-weight states"]
+
+
+@pytest.mark.parametrize("method", ["ntp", "inplace", "none"])
+def test_saved_activations_follow_the_code_tensor_by_tensor(method):
+    job = _job(f"ttt={method}", "data.seq_len=512")
+    saved, planned = _saved_bytes(job), _planned_saved(job)
+    assert abs(planned - saved) <= 1e-4 * saved, (saved, planned)
+
+
+def _saved_on_rank(rank: int, ranks: int, overrides: list[str], out_dir: Path) -> None:
+    Path(out_dir, f"rank{rank}").write_text(str(_saved_bytes(_job(*overrides), rank, ranks)))
+
+
+def test_saved_activations_under_context_parallelism(tmp_path):
+    """CP=2, all-gather attention: the gathered K/V, the block masks and the incoming fast-weight
+    states; the planner counts the last rank, whose queries see the most keys."""
+    overrides = ["parallel.cp=2", "data.seq_len=4096"]
+    run_ranks(_saved_on_rank, 2, tmp_path, overrides, tmp_path)
+    saved = [int(Path(tmp_path, f"rank{rank}").read_text()) for rank in range(2)]
+    planned = _planned_saved(_job(*overrides), gpus=2)
+    assert saved[0] < saved[1] and abs(planned - saved[1]) <= 1e-3 * saved[1], (saved, planned)
+
+
+def _qwen3_8b_at_128k(gpus: int = 8):
+    job = job_config(compose_config(["model=qwen3-8b", "data.seq_len=131072", "train.activation_checkpointing=true"]))
+    return model_facts(meta_model(job)), setup_of(job, gpus, "cuda")
+
+
+def test_smallest_fitting_cp_is_the_first_power_of_two_that_fits():
+    facts, setup = _qwen3_8b_at_128k()
+    budget = 80 * GIB
+    fit = smallest_fitting_cp(facts, setup, budget)
+    assert fit.total <= budget < plan(facts, replace(setup, cp=fit.setup.cp // 2)).total
+    assert plan(facts, replace(setup, cp=2 * fit.setup.cp)).total < fit.total
+
+
+def test_engines_shard_what_they_promise():
+    facts, setup = _qwen3_8b_at_128k(gpus=8)
+    states = {engine: state_bytes(facts, replace(setup, engine=engine)) for engine in SHARDED}
+    n = facts.params
+    assert states["ddp"] == (2 * n, 2 * n, 12 * n)  # bf16 weights and gradients; fp32 m, v, master
+    assert states["fsdp2"][1:] == states["deepspeed-zero3"][1:] == (n * 2 // 8, n * 12 // 8)
+    assert states["deepspeed-zero2"] == (2 * n, *states["fsdp2"][1:])
+    assert states["fsdp2"][0] == states["deepspeed-zero3"][0] < 2 * n
+
+
+def test_command_line_ends_with_the_machine_readable_line(capsys):
+    main(["model=qwen3-8b", "data.seq_len=131072", "parallel.cp=8", "--gpus", "64", "--gpu-memory-gb", "80"])
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"base_params=8190735360 ttt_params=150994944 per_gpu_bytes=[1-9]\d*", lines[-1])
+    assert any(line.startswith("| activations |") for line in lines)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["model=qwen9"], "Could not find 'model/qwen9'"),
+        (["data.seq_len=100"], "data.seq_len must be a multiple"),
+        (["parallel.cp=4", "--gpus", "6"], "parallel.cp=4 does not divide --gpus 6"),
+        (["parallel.engine=megatron"], "parallel.engine must be one of"),
+        (["--gpus", "0"], "expected a positive integer"),
+        (["--gpu-memory-gb", "-1"], "--gpu-memory-gb must be positive"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+if __name__ == "__main__":
+    print(measure_step(sys.argv[1:]))

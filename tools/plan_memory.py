@@ -1,0 +1,548 @@
+"""Per-GPU memory of one training step, planned from the trainer's own Hydra config.
+
+    python -m tools.plan_memory model=qwen3-8b data.seq_len=131072 parallel.cp=8 \\
+        train.activation_checkpointing=true --gpus 64 --gpu-memory-gb 80
+
+The positional arguments are Hydra overrides, composed exactly as `ttt-train` composes them. The model
+is built on the meta device (exact parameter counts, no memory); every other number comes from the
+formulas below, which follow the code the step runs. It prints the per-GPU bytes row by row at the
+step's peak, the smallest context-parallel degree that fits the GPU, and ends with the line
+`base_params=<int> ttt_params=<int> per_gpu_bytes=<int>`.
+
+Notation: N GPUs, CP degree P, b sequences of S tokens per data-parallel rank, so s = b S / P tokens
+on one GPU; a = activation bytes (bf16 under the loop's CUDA autocast, the model dtype on CPU); L
+decoder layers of which T are TTT layers; d x h the MLP; steady state (optimizer states exist).
+- parameters, gradients: the model dtype. optimizer: AdamW m and v in fp32, plus an fp32 master copy
+  of bf16 weights (our assumption for mixed precision: 16 bytes per parameter in all). Engines
+  (`parallel.engine`; one GPU runs none): `ddp` replicates all three; `fsdp2` shards all three over
+  the N GPUs (data x context parallel) and holds the root module (embeddings, final norm, head) and
+  two decoder layers (the running and the prefetched one) unsharded; `deepspeed` with
+  `parallel.zero_stage` 2 shards gradients and optimizer states, with 3 the parameters too (as
+  fsdp2); `parallel.offload` moves the optimizer states to CPU memory. ddp's flat all-reduce copies
+  the gradients once; DeepSpeed's communication buckets are not counted.
+- activations: what autograd saves per decoder layer, from the code: RMSNorms keep an fp32 copy of
+  their input, normalized values and output; Qwen3's per-head query/key norms the same; SDPA keeps
+  queries, keys, values, output and fp32 log-sum-exp; the MLP its gate, activation, up and product
+  (h wide); a TTT layer its value targets (and NTP's shifted source, or the conv output of inplace).
+  Context parallelism: the all-gather attention holds the gathered K/V of the whole sequence per
+  layer, and SDPA keeps a float copy of each 2048-query block mask (the last rank's, one document:
+  its queries see every earlier key); Ulysses holds all S tokens for 1/P of the heads and masks all
+  S queries. With P = 1 the loop runs transformers' causal SDPA: no mask (one document per sequence).
+  `train.activation_checkpointing` keeps only the inputs of the layers it recomputes (every
+  `train.checkpoint_every_n_layers`-th) and rebuilds one of them at a time in the backward.
+- fast-weight states: (committed, pending) pairs of d x h fp32 per sequence. The chunk scan's backward
+  holds three (its recomputed state, the state's gradient, the gradient it returns); under CP the
+  state scan sends and receives one pair and each TTT layer keeps its incoming pair until its backward.
+- loss (`trainer.loss.linear_cross_entropy`): the Triton kernels (CUDA) hold fp32 gradients of the
+  hidden states and the head and their casts; the torch path (CPU, fp64) two (4096 x vocab) fp32
+  blocks, an fp32 copy of the head, its fp32 gradient and the hidden states' gradient.
+
+The step's peak is the largest of three moments: the loss's backward (every activation saved), the
+backward of the last decoder layer (every activation saved, that layer recomputed with activation
+checkpointing, its gradients in flight) and the optimizer step (all gradients); the table shows what
+each row holds at the peak and its own largest value over the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import sys
+from dataclasses import dataclass, replace
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from parallel.attention import QUERY_BLOCK
+from parallel.mesh import check_cp
+from tools.benchutil import OneLineErrorParser, positive_int
+from trainer.config import JobConfig, job_config
+from trainer.loss import linear_cross_entropy
+from trainer.model import DTYPES, build_model
+from trainer.train import CONF_DIR
+from trainer.ttt import TTTConfig, patch_model
+from trainer.ttt.patch import decoder_of
+
+GIB = 2**30
+DEVICES = ("cuda", "cpu")
+# What each engine shards over all GPUs: (parameters, gradients, optimizer states).
+SHARDED = {
+    "single": (False, False, False),
+    "ddp": (False, False, False),
+    "fsdp2": (True, True, True),
+    "deepspeed-zero2": (False, True, True),
+    "deepspeed-zero3": (True, True, True),
+}
+FP32 = 4
+NORM_BYTES = FP32  # RMSNorm computes in fp32
+LSE_BYTES = FP32  # SDPA and the loss keep log-sum-exp in fp32
+INDEX_BYTES = 8  # int64 token ids and labels
+ADAM_STATE_BYTES = 2 * FP32  # m and v
+SCAN_WORKING_PAIRS = 3  # the chunk scan's backward: recomputed state, its gradient, the returned gradient
+CP_MESSAGE_PAIRS = 2  # the state scan's message out and in
+LOSS_CHUNK = inspect.signature(linear_cross_entropy).parameters["chunk_size"].default
+ROWS = ("parameters", "gradients", "optimizer", "activations", "fast-weight states", "loss")
+
+
+# --- the job: config composition and the meta-device model -----------------------------------------
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config `ttt-train` would run with these overrides."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def meta_model(job: JobConfig) -> torch.nn.Module:
+    """The patched model on the meta device: exact shapes, no memory. A `model.path` folder is read
+    for its config.json only."""
+    with torch.device("meta"):
+        if job.model.path is None:
+            return build_model(job.model, job.ttt, torch.device("meta"), job.seed)
+        config = AutoConfig.from_pretrained(job.model.path)
+        return patch_model(AutoModelForCausalLM.from_config(config, dtype=DTYPES[job.model.dtype]), job.ttt)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the plan needs from the model, read off the (meta) model itself."""
+
+    base_params: int  # shared (tied) tensors counted once
+    ttt_params: int  # ttt_conv and ttt_proj of the TTT layers
+    root_params: int  # outside the decoder layers: embeddings, final norm, head
+    largest_layer_params: int  # the biggest decoder layer, TTT parameters included
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    ttt_layer_indices: tuple[int, ...]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    qk_norm: bool  # Qwen3 normalizes queries and keys per head
+
+    @property
+    def params(self) -> int:
+        return self.base_params + self.ttt_params
+
+    @property
+    def ttt_layers(self) -> int:
+        return len(self.ttt_layer_indices)
+
+
+def model_facts(model: torch.nn.Module) -> ModelFacts:
+    params = dict(model.named_parameters())  # a tied matrix appears once
+    layers = decoder_of(model).layers
+    layer_sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    config = model.config
+    return ModelFacts(
+        base_params=sum(p.numel() for name, p in params.items() if "ttt_" not in name),
+        ttt_params=sum(p.numel() for name, p in params.items() if "ttt_" in name),
+        root_params=sum(p.numel() for p in params.values()) - sum(layer_sizes),
+        largest_layer_params=max(layer_sizes),
+        vocab=config.vocab_size,
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        layers=len(layers),
+        ttt_layer_indices=tuple(getattr(model, "ttt_layers", ())),
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        qk_norm=hasattr(layers[0].self_attn, "q_norm"),
+    )
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The run settings the memory depends on."""
+
+    seq_len: int
+    batch: int
+    cp: int
+    gpus: int
+    engine: str  # a key of SHARDED
+    offload: bool  # optimizer states in CPU memory
+    checkpointing: bool
+    checkpoint_every: int  # transformers recomputes the layers whose index is a multiple of it
+    attention: str
+    param_bytes: int
+    act_bytes: int
+    triton_loss: bool  # the loss runs the Triton kernels (CUDA) rather than the torch path
+    ttt: TTTConfig
+
+    @property
+    def tokens(self) -> int:
+        """Tokens on one GPU: its shard of each of its sequences."""
+        return self.batch * self.seq_len // self.cp
+
+    @property
+    def acc_bytes(self) -> int:
+        """Fast-weight states and the loss accumulate in at least fp32."""
+        return max(self.act_bytes, FP32)
+
+
+def _engine(engine: str, zero_stage: int, gpus: int) -> str:
+    """The key of SHARDED: one process runs no engine (the loop's single-process path)."""
+    if gpus == 1:
+        return "single"
+    return f"deepspeed-zero{zero_stage}" if engine == "deepspeed" else engine
+
+
+def setup_of(job: JobConfig, gpus: int, device: str) -> Setup:
+    param_bytes = DTYPES[job.model.dtype].itemsize
+    cuda = device == "cuda" and job.model.dtype != "float64"  # bf16 autocast and the Triton loss
+    par = job.parallel
+    return Setup(
+        seq_len=job.data.seq_len,
+        batch=job.data.batch_size,
+        cp=par.cp,
+        gpus=gpus,
+        engine=_engine(par.engine, par.zero_stage, gpus),
+        offload=par.engine == "deepspeed" and par.offload and gpus > 1,
+        checkpointing=job.train.activation_checkpointing,
+        checkpoint_every=job.train.checkpoint_every_n_layers,
+        attention=par.attention,
+        param_bytes=param_bytes,
+        act_bytes=torch.bfloat16.itemsize if cuda else param_bytes,
+        triton_loss=cuda,
+        ttt=job.ttt,
+    )
+
+
+# --- activations -----------------------------------------------------------------------------------
+
+
+def _norm(width: int, a: int) -> int:
+    """Per token: an RMSNorm's fp32 input and rsqrt, its normalized values, and its output (which
+    the next op saves)."""
+    return (NORM_BYTES + 2 * a) * width + NORM_BYTES
+
+
+def _mask_elements(q_start: int, queries: int) -> int:
+    """Query-key pairs of the block masks of `document_attention`, one document: each block of
+    QUERY_BLOCK queries sees every key up to its last query."""
+    blocks = range(0, queries, QUERY_BLOCK)
+    return sum(min(QUERY_BLOCK, queries - i) * (q_start + min(i + QUERY_BLOCK, queries)) for i in blocks)
+
+
+@dataclass(frozen=True)
+class Attention:
+    saved: int  # what one layer's attention saves for the backward, the two below included
+    kv: int  # the keys and values SDPA attends to
+    mask: int  # float copies of the block masks
+    backward: int  # gradients its backward adds while the saved tensors are still held
+
+
+def attention_bytes(m: ModelFacts, st: Setup) -> Attention:
+    a, s = st.act_bytes, st.tokens
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    saved = (_norm(m.hidden, a) + a * q + LSE_BYTES * m.heads) * s  # input norm, rotated queries, lse
+    if m.qk_norm:  # per-head RMSNorms before the rotation (their outputs are rotated, not saved)
+        saved += ((NORM_BYTES + a) * (q + kv) + NORM_BYTES * (m.heads + m.kv_heads)) * s
+    if st.cp == 1:  # transformers' causal SDPA; its output is o_proj's input
+        kv_bytes = 2 * a * kv * s
+        return Attention(saved + kv_bytes + a * q * s, kv_bytes, 0, a * (q + 2 * kv) * s)
+    out = 2 * a * q * s  # the block outputs and their concatenation (o_proj's input)
+    if st.attention == "allgather":  # K/V of the whole sequence; the last rank's masks
+        kv_bytes = 2 * a * kv * st.batch * st.seq_len
+        mask = a * st.batch * _mask_elements(st.seq_len - st.seq_len // st.cp, st.seq_len // st.cp)
+        backward = a * q * s + 2 * kv_bytes  # the gathered K/V's gradients and their copy to reduce-scatter
+    else:  # Ulysses: all S tokens for 1/P of the heads, every query masked
+        kv_bytes = 2 * a * kv * s
+        mask = a * st.batch * _mask_elements(0, st.seq_len)
+        backward = a * (q + 2 * kv) * s
+    return Attention(saved + out + kv_bytes + mask, kv_bytes, mask, backward)
+
+
+def mlp_bytes(m: ModelFacts, st: Setup) -> int:
+    """Per layer: the post-attention norm and the gate, activation, up and product (h wide)."""
+    return (_norm(m.hidden, st.act_bytes) + 4 * st.act_bytes * m.intermediate) * st.tokens
+
+
+def ttt_extra_bytes(m: ModelFacts, st: Setup) -> int:
+    """Per TTT layer: the value targets V, the method's intermediate target, and under CP the fp32
+    copy of Z that reads the incoming state (when Z is not fp32 already)."""
+    a, d = st.act_bytes, m.hidden
+    per_token = a * d
+    if st.ttt.method == "ntp":
+        per_token += a * d + a  # the shifted source and its next-in-document mask
+    elif st.ttt.method == "inplace" and st.ttt.proj:
+        per_token += a * d  # the conv output that P multiplies
+    if st.cp > 1 and st.acc_bytes != a:
+        per_token += st.acc_bytes * m.intermediate
+    return per_token * st.tokens
+
+
+def _mlp_backward_bytes(m: ModelFacts, st: Setup) -> int:
+    """Gradients the MLP's backward adds while its saved tensors are held: two h wide; in a TTT layer
+    the gradient of Z from down_proj, the chunk scan's fp32 one and its cast."""
+    a, h = st.act_bytes, m.intermediate
+    if not m.ttt_layers:
+        return 2 * a * h * st.tokens
+    return (a + st.acc_bytes + (a if a != st.acc_bytes else 0)) * h * st.tokens
+
+
+def checkpointed_layers(m: ModelFacts, st: Setup) -> set[int]:
+    """The decoder layers activation checkpointing recomputes (`train.checkpoint_every_n_layers`)."""
+    return {i for i in range(m.layers) if i % st.checkpoint_every == 0} if st.checkpointing else set()
+
+
+@dataclass(frozen=True)
+class Activations:
+    attention: Attention  # per layer
+    mlp: int  # per layer
+    ttt_extra: int  # per TTT layer
+    outside: int  # token ids and labels, rotary tables, final norm, the loss's log-sum-exp (once per step)
+    saved: int  # held when the backward starts
+    recomputed: int  # the largest checkpointed layer, rebuilt in its backward
+    backward: int  # gradients in flight in one layer's backward
+
+
+def activations_of(m: ModelFacts, st: Setup) -> Activations:
+    a, s = st.act_bytes, st.tokens
+    attention, mlp, ttt_extra = attention_bytes(m, st), mlp_bytes(m, st), ttt_extra_bytes(m, st)
+    outside = (2 * INDEX_BYTES + 2 * a * m.head_dim + _norm(m.hidden, a) + LSE_BYTES) * s
+    if m.ttt_layers and st.ttt.method == "inplace":
+        outside += INDEX_BYTES * s  # the chunk-segment ids the target conv keeps
+
+    def layer(i: int) -> int:
+        return attention.saved + mlp + (ttt_extra if i in m.ttt_layer_indices else 0)
+
+    recomputed = checkpointed_layers(m, st)
+    checkpoint = a * m.hidden * s  # a recomputed layer keeps only its input
+    saved = sum(checkpoint if i in recomputed else layer(i) for i in range(m.layers)) + outside
+    backward = max(attention.backward, _mlp_backward_bytes(m, st))
+    return Activations(
+        attention=attention,
+        mlp=mlp,
+        ttt_extra=ttt_extra if m.ttt_layers else 0,
+        outside=outside,
+        saved=saved,
+        recomputed=max((layer(i) for i in recomputed), default=0),
+        backward=backward,
+    )
+
+
+# --- fast-weight states, loss, parameters --------------------------------------------------------------
+
+
+def _state_pair_bytes(m: ModelFacts, st: Setup) -> int:
+    return 2 * m.hidden * m.intermediate * st.acc_bytes * st.batch
+
+
+def held_state_pairs(m: ModelFacts, st: Setup, in_backward: bool) -> int:
+    """Incoming CP states kept for the backward: those of the TTT layers that are not recomputed,
+    and during the backward that of a recomputed one."""
+    if st.cp == 1:
+        return 0
+    recomputed = checkpointed_layers(m, st) & set(m.ttt_layer_indices)
+    return m.ttt_layers - len(recomputed) + (1 if in_backward and recomputed else 0)
+
+
+def loss_bytes(m: ModelFacts, st: Setup) -> int:
+    """The loss's backward working set."""
+    head, hidden = m.vocab * m.hidden, st.tokens * m.hidden
+    if st.triton_loss:  # fp32 gradient buffers, cast to the dtypes of hidden states and head
+        casts = (hidden * st.act_bytes if st.act_bytes != FP32 else 0) + (
+            head * st.param_bytes if st.param_bytes != FP32 else 0
+        )
+        return (hidden + head) * FP32 + casts
+    acc = st.acc_bytes
+    blocks = 2 * min(LOSS_CHUNK, st.tokens) * m.vocab * acc  # a logits block and its softmax
+    head_copy = head * acc if st.param_bytes != acc else 0
+    return blocks + head_copy + head * acc + hidden * st.act_bytes
+
+
+def state_bytes(m: ModelFacts, st: Setup) -> tuple[int, int, int]:
+    """Parameters (with what a sharding engine gathers), all gradients, optimizer states per GPU."""
+    shard_params, shard_grads, shard_optim = SHARDED[st.engine]
+    total, p = m.params, st.param_bytes
+    gathered = m.root_params + 2 * m.largest_layer_params
+    params = math.ceil(total * p / st.gpus) + gathered * p if shard_params else total * p
+    grads = math.ceil(total * p / st.gpus) if shard_grads else total * p
+    optim_bytes = ADAM_STATE_BYTES + (FP32 if p < FP32 else 0)  # m, v and the fp32 master copy
+    optim = math.ceil(total * optim_bytes / st.gpus) if shard_optim else total * optim_bytes
+    return params, grads, 0 if st.offload else optim
+
+
+# --- the plan --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    setup: Setup
+    activations: Activations
+    moments: dict[str, dict[str, int]]  # moment of the step -> row -> bytes held then
+
+    @property
+    def peak(self) -> str:
+        return max(self.moments, key=lambda moment: sum(self.moments[moment].values()))
+
+    @property
+    def rows(self) -> dict[str, int]:
+        return self.moments[self.peak]
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows.values())
+
+    def largest(self, row: str) -> int:
+        return max(held[row] for held in self.moments.values())
+
+
+def plan(m: ModelFacts, st: Setup) -> Plan:
+    params, grads, optim = state_bytes(m, st)
+    act = activations_of(m, st)
+    pair = _state_pair_bytes(m, st)
+    working_pairs = (SCAN_WORKING_PAIRS + (CP_MESSAGE_PAIRS if st.cp > 1 else 0)) if m.ttt_layers else 0
+    root_grads = m.root_params * st.param_bytes  # the head's gradient arrives first
+    moments = {
+        "loss backward": (root_grads, act.saved, held_state_pairs(m, st, False) * pair, loss_bytes(m, st)),
+        "last layer's backward": (
+            root_grads + m.largest_layer_params * st.param_bytes,
+            act.saved + act.recomputed + act.backward,
+            (held_state_pairs(m, st, True) + working_pairs) * pair,
+            0,
+        ),
+        "optimizer step": (grads * (2 if st.engine == "ddp" else 1), 0, 0, 0),  # ddp: + the flat all-reduce copy
+    }
+    held = {
+        moment: dict(zip(ROWS, (params, grads_then, optim, activations, states, loss)))
+        for moment, (grads_then, activations, states, loss) in moments.items()
+    }
+    return Plan(st, act, held)
+
+
+def smallest_fitting_cp(m: ModelFacts, st: Setup, budget_bytes: int) -> Plan | None:
+    """The plan at the smallest power-of-two CP degree that divides the GPUs, suits the sequence
+    length and fits the budget; None if none does."""
+    chunk = st.ttt.chunk_size if st.ttt.method != "none" else 1
+    for cp in (2**k for k in range(st.gpus.bit_length())):
+        try:
+            check_cp(st.gpus, cp, st.seq_len, chunk)
+        except ValueError:
+            continue
+        candidate = plan(m, replace(st, cp=cp))
+        if candidate.total <= budget_bytes:
+            return candidate
+    return None
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def _row_notes(m: ModelFacts, result: Plan) -> dict[str, str]:
+    st, act = result.setup, result.activations
+    shard_params, shard_grads, shard_optim = SHARDED[st.engine]
+    spread = f"sharded over {st.gpus} GPUs" if st.gpus > 1 else "one GPU"
+    optimizer = "fp32 AdamW m, v" + (" + fp32 master" if st.param_bytes < FP32 else "")
+    recomputed = len(checkpointed_layers(m, st))
+    kept = m.layers - recomputed
+    held = f"{kept} layers + {recomputed} layer inputs, 1 recomputed" if recomputed else f"{m.layers} layers"
+    kv_layers = kept + (1 if recomputed else 0)
+    return {
+        "parameters": f"{spread}, root + 2 layers gathered" if shard_params else "replicated",
+        "gradients": spread if shard_grads else "replicated",
+        "optimizer": "in CPU memory (parallel.offload)"
+        if st.offload
+        else f"{optimizer}, {spread if shard_optim else 'replicated'}",
+        "activations": f"{held}; K/V {_gib(act.attention.kv * kv_layers)}, masks "
+        f"{_gib(act.attention.mask * kv_layers)} GiB of it",
+        "fast-weight states": f"{m.ttt_layers} TTT layers, pairs of {m.hidden} x {m.intermediate} fp32",
+        "loss": "Triton: fp32 gradients of hidden states and head"
+        if st.triton_loss
+        else f"{LOSS_CHUNK} tokens x {m.vocab} vocab blocks in fp32, fp32 head and its gradient",
+    }
+
+
+def _activation_lines(m: ModelFacts, act: Activations) -> list[str]:
+    att = act.attention
+    return [
+        f"activations per decoder layer (GiB): attention {_gib(att.saved)} (K/V {_gib(att.kv)}, masks "
+        f"{_gib(att.mask)}), MLP {_gib(act.mlp)}, TTT layer extra {_gib(act.ttt_extra)}; "
+        f"held at the backward's start {_gib(act.saved)}, recomputed layer {_gib(act.recomputed)}, "
+        f"gradients in flight {_gib(act.backward)}"
+    ]
+
+
+def report(name: str, m: ModelFacts, result: Plan, fit: Plan | None, budget_gib: float) -> str:
+    st = result.setup
+    lines = [
+        f"{name}: {m.base_params:,} base + {m.ttt_params:,} TTT parameters ({m.ttt_layers} TTT layers); "
+        f"S={st.seq_len}, batch {st.batch}, {st.gpus} GPUs, CP={st.cp} (DP={st.gpus // st.cp}), {st.engine}, "
+        f"activation checkpointing {f'every {st.checkpoint_every} layers' if st.checkpointing else 'off'}, "
+        f"{st.attention} attention, "
+        f"{st.act_bytes}-byte activations",
+        "",
+        f"| per GPU | GiB at the peak ({result.peak}) | bytes | largest GiB in the step | counted |",
+        "|---|---:|---:|---:|---|",
+    ]
+    notes = _row_notes(m, result)
+    lines += [
+        f"| {row} | {_gib(value)} | {value} | {_gib(result.largest(row))} | {notes[row]} |"
+        for row, value in result.rows.items()
+    ]
+    lines += [f"| total | {_gib(result.total)} | {result.total} | | |", ""]
+    lines += _activation_lines(m, result.activations)
+    if fit is None:
+        lines.append(f"no power-of-two CP degree dividing {st.gpus} GPUs fits {budget_gib:g} GiB")
+    else:
+        lines.append(f"smallest CP degree that fits {budget_gib:g} GiB: {fit.setup.cp} ({_gib(fit.total)} GiB)")
+    lines.append(f"base_params={m.base_params} ttt_params={m.ttt_params} per_gpu_bytes={result.total}")
+    return "\n".join(lines)
+
+
+def markdown_row(name: str, m: ModelFacts, st: Setup, fit: Plan | None) -> str:
+    """One row of the README's model table: the plan at the smallest CP degree that fits."""
+    head = f"| {name} | {m.base_params / 1e9:.2f}B | {st.seq_len // 1024}k | {st.gpus} |"
+    if fit is None:
+        return head + " none fits |" + " |" * (len(ROWS) + 2)
+    values = " | ".join(_gib(v) for v in fit.rows.values())
+    return f"{head} {fit.setup.cp} | {values} | {_gib(fit.total)} | {fit.peak} |"
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineErrorParser(prog="python -m tools.plan_memory", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for ttt-train (model=qwen3-8b ...)")
+    parser.add_argument("--gpus", type=positive_int, default=8, help="GPUs in the job (default 8)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+    parser.add_argument("--device", choices=DEVICES, default="cuda", help="cuda (default): bf16 autocast, Triton loss")
+    parser.add_argument("--markdown-row", action="store_true", help="print only the README table's row")
+    args = parser.parse_intermixed_args(argv)
+    if not args.gpu_memory_gb > 0:
+        parser.error(f"--gpu-memory-gb must be positive, got {args.gpu_memory_gb:g}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    try:
+        job = job_config(compose_config(args.overrides))
+        if args.gpus % job.parallel.cp:
+            raise ValueError(f"parallel.cp={job.parallel.cp} does not divide --gpus {args.gpus}")
+    except (HydraException, OmegaConfBaseException, ValueError) as err:  # ConfigError is a ValueError
+        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    facts = model_facts(meta_model(job))
+    setup = setup_of(job, args.gpus, args.device)
+    fit = smallest_fitting_cp(facts, setup, int(args.gpu_memory_gb * GIB))
+    if args.markdown_row:
+        print(markdown_row(job.model.name, facts, setup, fit))
+    else:
+        print(report(job.model.name, facts, plan(facts, setup), fit, args.gpu_memory_gb))
+
+
+if __name__ == "__main__":
+    main()
