@@ -18,5 +18,6 @@ def _entry(rank, fn, world_size, init_method, args):
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it (aborts at exit otherwise)
     finally:
         dist.destroy_process_group()

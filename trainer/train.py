@@ -46,6 +46,8 @@ def worker(tree: dict, run_dir: str, wandb_group: str | None) -> None:
         run_dir = shared[0]
     try:
         run(job, Path(run_dir), wandb_group)
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
