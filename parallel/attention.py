@@ -19,16 +19,15 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from parallel.comm import LEDGER
+from parallel.sharding import document_starts
 
 KINDS = ("allgather", "ulysses")
 QUERY_BLOCK = 2048  # queries attended per SDPA call: bounds the boolean mask to QUERY_BLOCK x keys
 
 
 def global_document_ids(positions: torch.Tensor) -> torch.Tensor:
-    """(B, S) ids that change where positions break their +1 steps (the transformers packing rule)."""
-    start = torch.ones_like(positions, dtype=torch.bool)
-    start[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
-    return start.long().cumsum(dim=-1)
+    """(B, S) ids that change at each document start."""
+    return document_starts(positions).long().cumsum(dim=-1)
 
 
 def _gather_positions(position_ids: torch.Tensor, batch: int, group) -> torch.Tensor:

@@ -12,12 +12,19 @@ import torch
 IGNORE_INDEX = -100
 
 
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool: a document starts at index 0 and wherever positions break their +1 steps (the
+    padding-free packing rule of transformers)."""
+    start = torch.ones_like(position_ids, dtype=torch.bool)
+    start[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return start
+
+
 def next_token_labels(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     """labels[t] = input_ids[t+1] within a document; IGNORE_INDEX at each document's last token."""
     position_ids = position_ids.expand_as(input_ids)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
-    same_doc = position_ids[:, 1:] == position_ids[:, :-1] + 1
-    labels[:, :-1] = torch.where(same_doc, input_ids[:, 1:], IGNORE_INDEX)
+    labels[:, :-1] = torch.where(document_starts(position_ids)[:, 1:], IGNORE_INDEX, input_ids[:, 1:])
     return labels
 
 

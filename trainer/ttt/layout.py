@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import torch
 
+from parallel.sharding import document_starts
+
 
 class Segment(NamedTuple):
     start: int  # first position of the segment in the sequence
@@ -72,9 +74,9 @@ def build_layout(
     if batch_size is not None and position_ids.shape[0] != batch_size:
         position_ids = position_ids.expand(batch_size, -1)
     pos = position_ids
-    doc_start = torch.empty_like(pos, dtype=torch.bool)
-    doc_start[:, 0] = (pos[:, 0] == 0) if continues_before else True
-    doc_start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    doc_start = document_starts(pos)
+    if continues_before:  # a shard's first token starts a document only at position 0
+        doc_start[:, 0] = pos[:, 0] == 0
     seg_start = doc_start | (pos % chunk_size == 0)
     seg_start[:, 0] = True
     segment_ids = seg_start.long().cumsum(dim=-1) - 1
