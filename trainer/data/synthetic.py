@@ -1,8 +1,8 @@
-"""Training data: a generated long-range recall corpus (no download) and the loader over it.
+"""Generated long-range recall corpora (no download), in their own small vocabulary.
 
-`SyntheticRecall` makes sequence i from (seed, i) alone, so any process, at any world size,
-regenerates exactly the same sequence; the loader's position is one integer (sequences consumed
-by the whole job), saved in checkpoints so a resumed run continues on the exact next sequence.
+A dataset makes sequence i from (seed, i) alone, so any process, at any world size, regenerates
+exactly the same sequence; the loader's position is one integer (sequences consumed by the whole
+job), saved in checkpoints so a resumed run continues on the exact next sequence.
 """
 
 from __future__ import annotations
@@ -55,29 +55,3 @@ class SyntheticRecall:
         reads = torch.stack([keys[order], values[order]], dim=1).flatten()
         filler = self.filler[torch.randint(len(self.filler), (length - 1 - 4 * n,), generator=generator)]
         return torch.cat([torch.tensor([_BOS]), writes, filler, reads])
-
-
-class SequenceLoader:
-    """Batches for one data-parallel rank; every rank of a CP group reads the same sequences."""
-
-    def __init__(self, dataset, batch_size: int, dp_rank: int, dp_size: int):
-        self.dataset, self.batch_size, self.dp_rank, self.dp_size = dataset, batch_size, dp_rank, dp_size
-        self.consumed = 0  # sequences consumed by the whole job
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        first = self.consumed + self.dp_rank * self.batch_size
-        samples = [self.dataset[first + i] for i in range(self.batch_size)]
-        self.consumed += self.batch_size * self.dp_size
-        return {key: torch.cat([s[key] for s in samples]) for key in samples[0]}
-
-    def state_dict(self) -> dict[str, int]:
-        return {"consumed": self.consumed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.consumed = int(state["consumed"])
-
-
-def build_dataset(name: str, seq_len: int, vocab_size: int, seed: int, options: dict):
-    if name != "synthetic_recall":
-        raise ValueError(f"data.name must be synthetic_recall, got {name!r}")
-    return SyntheticRecall(vocab_size, seq_len, seed, **options)
