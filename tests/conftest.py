@@ -51,3 +51,11 @@ def randomize_ttt_parameters(model: torch.nn.Module, scale: float = 0.3) -> None
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A small byte-level BPE tokenizer folder, trained locally on generated text."""
+    from textdata import build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))

@@ -1,0 +1,43 @@
+"""Generated English-like text and a tokenizer trained on it locally (tests never download one)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+_NOUNS = "river city model signal garden window teacher number planet story engine market letter valley".split()
+_VERBS = "finds carries watches builds follows remembers answers moves opens writes measures keeps".split()
+_ADJECTIVES = "quiet bright long early distant careful small heavy open simple strange warm".split()
+
+
+def sentence(rng: random.Random) -> str:
+    words = [rng.choice(["the", "a", "every"]), rng.choice(_ADJECTIVES), rng.choice(_NOUNS), rng.choice(_VERBS)]
+    words += [rng.choice(["the", "a"]), rng.choice(_NOUNS)]
+    return " ".join(words).capitalize() + rng.choice([".", ".", "!", "?"])
+
+
+def make_documents(count: int, seed: int, min_sentences: int = 1, max_sentences: int = 40) -> list[str]:
+    """`count` documents of varied length, the same for the same seed."""
+    rng = random.Random(seed)
+    return [" ".join(sentence(rng) for _ in range(rng.randint(min_sentences, max_sentences))) for _ in range(count)]
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 300) -> Path:
+    """Train a byte-level BPE tokenizer on generated text and save it as a Hugging Face folder that
+    `AutoTokenizer.from_pretrained(folder)` loads."""
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(make_documents(200, seed=0), trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+    wrapped.save_pretrained(folder)
+    return folder
