@@ -1,14 +1,19 @@
-"""Training data: datasets addressed by sequence index, and the loader that batches them per rank."""
+"""Training data: datasets addressed by sequence index, and the loader that batches them per rank.
+
+`data.name` picks the source: a generated task from `trainer.data.synthetic.GENERATORS`
+(tokenizer-free, deterministic by seed) or `corpus`, token shards written by `tools.prepare_data`.
+"""
 
 from __future__ import annotations
 
 from trainer.data.loader import SequenceLoader
-from trainer.data.synthetic import SyntheticRecall
+from trainer.data.synthetic import GENERATORS
 
 __all__ = ["SequenceLoader", "build_dataset"]
 
 
 def build_dataset(name: str, seq_len: int, vocab_size: int, seed: int, options: dict):
-    if name != "synthetic_recall":
-        raise ValueError(f"data.name must be synthetic_recall, got {name!r}")
-    return SyntheticRecall(vocab_size, seq_len, seed, **options)
+    if name in GENERATORS:
+        return GENERATORS[name](vocab_size=vocab_size, seq_len=seq_len, seed=seed, **options)
+    choices = ", ".join(sorted(GENERATORS))
+    raise ValueError(f"data.name must be one of {choices}, got {name!r}")

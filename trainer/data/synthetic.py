@@ -23,7 +23,9 @@ class SyntheticRecall:
     position ids restarting at each.
     """
 
-    def __init__(self, vocab_size: int, seq_len: int, seed: int, num_pairs: int = 8, docs_per_sequence: int = 1):
+    def __init__(
+        self, vocab_size: int, seq_len: int, seed: int, num_pairs: int = 8, docs_per_sequence: int = 1
+    ) -> None:
         keys = (vocab_size - _SPECIALS) // 4
         if keys < num_pairs:
             raise ValueError(f"data: vocab_size={vocab_size} is too small for num_pairs={num_pairs}")
@@ -55,3 +57,6 @@ class SyntheticRecall:
         reads = torch.stack([keys[order], values[order]], dim=1).flatten()
         filler = self.filler[torch.randint(len(self.filler), (length - 1 - 4 * n,), generator=generator)]
         return torch.cat([torch.tensor([_BOS]), writes, filler, reads])
+
+
+GENERATORS = {"synthetic_recall": SyntheticRecall}
