@@ -27,9 +27,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 ENGINES = ("fsdp2", "deepspeed", "ddp")
 
 
-def apply_fsdp(model: torch.nn.Module, block_names, device: torch.device) -> torch.nn.Module:
+def apply_fsdp(model: torch.nn.Module, block_names, device: torch.device, materialize=None) -> torch.nn.Module:
     """Shard `model` over all ranks (a 1-D mesh: CP ranks hold the same parameters as DP ranks), one
-    unit per module whose class is named in `block_names` (e.g. transformers' `_no_split_modules`)."""
+    unit per module whose class is named in `block_names` (e.g. transformers' `_no_split_modules`).
+
+    A model built on the meta device is given real storage unit by unit: `materialize(unit)` runs
+    just before each unit is sharded, so a rank never holds the full model."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if device.type == "cuda" else None, reduce_dtype=torch.float32
@@ -38,7 +41,11 @@ def apply_fsdp(model: torch.nn.Module, block_names, device: torch.device) -> tor
     if not blocks:
         raise ValueError(f"parallel.engine=fsdp2: {type(model).__name__} names no decoder-layer class to shard")
     for block in blocks:
+        if materialize is not None:
+            materialize(block)
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    if materialize is not None:
+        materialize(model)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 

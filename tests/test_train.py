@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 import trainer.checkpoint
 import trainer.loop
 import trainer.model
+import trainer.optim
 from trainer.checkpoint import complete_checkpoints, load_checkpoint
 from trainer.config import job_config
 from trainer.loop import NonFiniteLossError, run
@@ -110,8 +111,8 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     monkeypatch.setattr(trainer.checkpoint.dcp, "save", real_save)
     resumed = run(compose_job(*FAST, "checkpoint.resume=auto"), tmp_path)
     assert resumed.name == "step-6" and not (root / ".step-6.partial").exists()
-    model = trainer.loop.build_model(job.model, job.ttt, torch.device("cpu"), seed=123)
-    optimizer = trainer.loop.build_optimizer(model, job.optim)
+    model = trainer.model.build_model(job.model, job.ttt, torch.device("cpu"), seed=123)
+    optimizer = trainer.optim.build_optimizer(model, job.optim)
     assert load_checkpoint(root / "step-6", model, optimizer)["step"] == 6
 
 
@@ -130,8 +131,8 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
     rows = metrics(tmp_path)
     assert [r["skipped"] for r in rows] == [False] * 4 + [True] * 3
     # Skipped steps leave the weights untouched, so the step-6 checkpoint is still a good one.
-    model = trainer.loop.build_model(job.model, job.ttt, torch.device("cpu"), seed=123)
-    load_checkpoint(tmp_path / "checkpoints" / "step-6", model, trainer.loop.build_optimizer(model, job.optim))
+    model = trainer.model.build_model(job.model, job.ttt, torch.device("cpu"), seed=123)
+    load_checkpoint(tmp_path / "checkpoints" / "step-6", model, trainer.optim.build_optimizer(model, job.optim))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -56,16 +56,15 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from parallel.attention import QUERY_BLOCK
 from parallel.mesh import check_cp
 from tools.benchutil import OneLineErrorParser, positive_int
 from trainer.config import JobConfig, job_config
 from trainer.loss import linear_cross_entropy
-from trainer.model import DTYPES, build_model
+from trainer.model import DTYPES, build_meta_model
 from trainer.train import CONF_DIR
-from trainer.ttt import TTTConfig, patch_model
+from trainer.ttt import TTTConfig
 from trainer.ttt.patch import decoder_of
 
 GIB = 2**30
@@ -101,11 +100,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
 def meta_model(job: JobConfig) -> torch.nn.Module:
     """The patched model on the meta device: exact shapes, no memory. A `model.path` folder is read
     for its config.json only."""
-    with torch.device("meta"):
-        if job.model.path is None:
-            return build_model(job.model, job.ttt, torch.device("meta"), job.seed)
-        config = AutoConfig.from_pretrained(job.model.path)
-        return patch_model(AutoModelForCausalLM.from_config(config, dtype=DTYPES[job.model.dtype]), job.ttt)
+    return build_meta_model(job.model, job.ttt)
 
 
 @dataclass(frozen=True)

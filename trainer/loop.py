@@ -21,7 +21,8 @@ from trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from trainer.config import JobConfig
 from trainer.data import SequenceLoader, build_dataset
 from trainer.faults import PreemptionFlag
-from trainer.model import CausalLMLoss, build_model, enable_activation_checkpointing
+from trainer.materialize import Materializer, load_pretrained
+from trainer.model import CausalLMLoss, build_meta_model, enable_activation_checkpointing
 from trainer.optim import build_optimizer, set_lr
 from trainer.tracking import MetricsFile, WandbRun
 from trainer.ttt.mlp import FastWeightMLP
@@ -127,14 +128,19 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
     """Train `job` in `run_dir`; returns the last checkpoint written."""
     ranks = setup_ranks(job.parallel.cp)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = build_model(job.model, job.ttt, ranks.device, job.seed)
+    model = build_meta_model(job.model, job.ttt)
     if ranks.cp_size > 1:
         apply_cp(model, ranks.cp_group, job.parallel.attention)
     if job.train.activation_checkpointing:
         enable_activation_checkpointing(model, job.train.checkpoint_every_n_layers)
     step_model = CausalLMLoss(model)
+    materialize = Materializer(model, ranks.device, job.seed)
     if ranks.world > 1 and job.parallel.engine == "fsdp2":
-        apply_fsdp(step_model, model._no_split_modules, ranks.device)
+        apply_fsdp(step_model, model._no_split_modules, ranks.device, materialize)
+    else:
+        materialize(model)
+    if job.model.path is not None:
+        load_pretrained(model, job.model.path)
     step_model.train()
     optimizer = build_optimizer(model, job.optim)
     deepspeed_engine = None

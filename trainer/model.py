@@ -10,22 +10,32 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from trainer.config import ModelConfig
 from trainer.loss import linear_cross_entropy
+from trainer.materialize import Materializer, load_pretrained
 from trainer.ttt import TTTConfig, patch_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def build_model(model_cfg: ModelConfig, ttt_cfg: TTTConfig, device: torch.device, seed: int):
-    """Every rank builds the same model: scratch init is seeded, so no broadcast is needed."""
-    torch.manual_seed(seed)
-    dtype = DTYPES[model_cfg.dtype]
+def build_meta_model(model_cfg: ModelConfig, ttt_cfg: TTTConfig):
+    """The patched model on the meta device: exact shapes, no storage (see `trainer.materialize`).
+    With `model.path`, only the folder's config.json is read here."""
     if model_cfg.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=dtype)
+        config = AutoConfig.from_pretrained(model_cfg.path)
     else:
         config = AutoConfig.for_model(model_cfg.family, **model_cfg.config)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    patch_model(model, ttt_cfg)
-    return model.to(device)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[model_cfg.dtype])
+    return patch_model(model, ttt_cfg)
+
+
+def build_model(model_cfg: ModelConfig, ttt_cfg: TTTConfig, device: torch.device, seed: int):
+    """The whole model on `device`: seeded scratch init, then the `model.path` weights if set. Every
+    rank builds the same values, so no broadcast is needed."""
+    model = build_meta_model(model_cfg, ttt_cfg)
+    Materializer(model, device, seed)(model)
+    if model_cfg.path is not None:
+        load_pretrained(model, model_cfg.path)
+    return model
 
 
 def enable_activation_checkpointing(model, every_n_layers: int = 1) -> None:

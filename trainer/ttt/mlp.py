@@ -35,12 +35,19 @@ class FastWeightMLP(nn.Module):
         if cfg.method == "inplace":
             k = cfg.conv_kernel
             self.ttt_conv = nn.Conv1d(hidden, hidden, k, padding=k // 2, groups=hidden, bias=False, **factory)
-            nn.init.zeros_(self.ttt_conv.weight)
         if cfg.proj:
             self.ttt_proj = nn.Linear(hidden, hidden, bias=False, **factory)
+        self.reset_ttt_parameters()
+
+    @torch.no_grad()
+    def reset_ttt_parameters(self) -> None:
+        """The initialisation that makes V = 0 (also called after a meta-device model is allocated)."""
+        if self.cfg.method == "inplace":
+            nn.init.zeros_(self.ttt_conv.weight)
+        if self.cfg.proj:
             # inplace: the zero conv already gives V = 0, so P starts as the identity;
             # ntp / recon: P is the only parameter of the target, so it starts at zero.
-            (nn.init.eye_ if cfg.method == "inplace" else nn.init.zeros_)(self.ttt_proj.weight)
+            (nn.init.eye_ if self.cfg.method == "inplace" else nn.init.zeros_)(self.ttt_proj.weight)
 
     def set_context_parallel(self, group) -> None:
         """Called by `parallel.apply_cp`: this model now sees one shard of each sequence."""
