@@ -162,6 +162,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         ("data.seq_len=100", "data.seq_len must be a multiple of parallel.cp x ttt.chunk_size = 32, got 100"),
         ("parallel.cp=3 data.seq_len=192", "parallel.cp=3 does not divide parallel.nproc_per_node=1"),
         ("optim.lr=-1", "optim.lr must be a positive number, got -1"),
+        ("data=synthetic_passkey data.depth=2", "data.depth must be null or a number in [0, 1], got 2"),
         (
             "logging.wandb.mode=sometimes",
             "logging.wandb.mode must be one of online, offline, disabled, got 'sometimes'",

@@ -61,6 +61,22 @@ def _launch_local(tree: dict, run_dir: str, wandb_group: str | None, nproc: int)
     elastic_launch(config, worker)(tree, run_dir, wandb_group)
 
 
+def _check_data(job) -> None:
+    """Open the dataset once before any worker starts, so a bad data setting or input is one line."""
+    from transformers import AutoConfig
+
+    from trainer.data import build_dataset
+
+    if job.model.path is not None:
+        vocab_size = AutoConfig.from_pretrained(job.model.path).vocab_size
+    else:
+        vocab_size = AutoConfig.for_model(job.model.family, **job.model.config).vocab_size
+    try:
+        build_dataset(job.data.name, job.data.seq_len, vocab_size, job.seed, job.data.options)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
@@ -73,6 +89,7 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"parallel.cp={job.parallel.cp} does not divide parallel.nproc_per_node={job.parallel.nproc_per_node}"
             )
+        _check_data(job)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
