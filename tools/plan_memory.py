@@ -12,8 +12,11 @@ step's peak, the smallest context-parallel degree that fits the GPU, and ends wi
 Notation: N GPUs, CP degree P, b sequences of S tokens per data-parallel rank, so s = b S / P tokens
 on one GPU; a = activation bytes (bf16 under the loop's CUDA autocast, the model dtype on CPU); L
 decoder layers of which T are TTT layers; d x h the MLP; steady state (optimizer states exist).
-- parameters, gradients: the model dtype. optimizer: AdamW m and v in fp32, plus an fp32 master copy
-  of bf16 weights (our assumption for mixed precision: 16 bytes per parameter in all). Engines
+- parameters, gradients: stored in `trainer.model.master_dtype`: a bf16 model keeps fp32 master weights
+  and gradients on CUDA and computes with bf16 copies (FSDP2 gathers them per unit; without
+  sharding, autocast's casts of every weight are saved for the backward); DeepSpeed keeps a bf16
+  module and its own fp32 master copy in the optimizer. optimizer: AdamW m and v in fp32 (with
+  mixed precision 16 bytes per parameter in all). Engines
   (`parallel.engine`; one GPU runs none): `ddp` replicates all three; `fsdp2` shards all three over
   the N GPUs (data x context parallel) and holds the root module (embeddings, final norm, head) and
   two decoder layers (the running and the prefetched one) unsharded; `deepspeed` with
@@ -62,7 +65,7 @@ from parallel.mesh import check_cp
 from tools.benchutil import OneLineErrorParser, positive_int
 from trainer.config import JobConfig, job_config
 from trainer.loss import linear_cross_entropy
-from trainer.model import DTYPES, build_meta_model
+from trainer.model import DTYPES, build_meta_model, master_dtype
 from trainer.train import CONF_DIR
 from trainer.ttt import TTTConfig
 from trainer.ttt.patch import decoder_of
@@ -165,7 +168,8 @@ class Setup:
     checkpointing: bool
     checkpoint_every: int  # transformers recomputes the layers whose index is a multiple of it
     attention: str
-    param_bytes: int
+    param_bytes: int  # the dtype weights compute in (model.dtype)
+    master_bytes: int  # the dtype parameters are stored and updated in
     act_bytes: int
     triton_loss: bool  # the loss runs the Triton kernels (CUDA) rather than the torch path
     ttt: TTTConfig
@@ -190,6 +194,7 @@ def _engine(engine: str, zero_stage: int, gpus: int) -> str:
 
 def setup_of(job: JobConfig, gpus: int, device: str) -> Setup:
     param_bytes = DTYPES[job.model.dtype].itemsize
+    engine = _engine(job.parallel.engine, job.parallel.zero_stage, gpus)
     cuda = device == "cuda" and job.model.dtype != "float64"  # bf16 autocast and the Triton loss
     par = job.parallel
     return Setup(
@@ -197,12 +202,13 @@ def setup_of(job: JobConfig, gpus: int, device: str) -> Setup:
         batch=job.data.batch_size,
         cp=par.cp,
         gpus=gpus,
-        engine=_engine(par.engine, par.zero_stage, gpus),
+        engine=engine,
         offload=par.engine == "deepspeed" and par.offload and gpus > 1,
         checkpointing=job.train.activation_checkpointing,
         checkpoint_every=job.train.checkpoint_every_n_layers,
         attention=par.attention,
         param_bytes=param_bytes,
+        master_bytes=master_dtype(job.model.dtype, torch.device(device), engine.split("-")[0]).itemsize,
         act_bytes=torch.bfloat16.itemsize if cuda else param_bytes,
         triton_loss=cuda,
         ttt=job.ttt,
@@ -356,11 +362,13 @@ def loss_bytes(m: ModelFacts, st: Setup) -> int:
 def state_bytes(m: ModelFacts, st: Setup) -> tuple[int, int, int]:
     """Parameters (with what a sharding engine gathers), all gradients, optimizer states per GPU."""
     shard_params, shard_grads, shard_optim = SHARDED[st.engine]
-    total, p = m.params, st.param_bytes
-    gathered = m.root_params + 2 * m.largest_layer_params
-    params = math.ceil(total * p / st.gpus) + gathered * p if shard_params else total * p
-    grads = math.ceil(total * p / st.gpus) if shard_grads else total * p
-    optim_bytes = ADAM_STATE_BYTES + (FP32 if p < FP32 else 0)  # m, v and the fp32 master copy
+    total, p, master = m.params, st.param_bytes, st.master_bytes
+    if shard_params:  # gathered for compute: the root and two decoder layers
+        params = math.ceil(total * master / st.gpus) + (m.root_params + 2 * m.largest_layer_params) * p
+    else:  # with fp32 masters, autocast's compute copy of every weight
+        params = total * master + (total * p if master != p else 0)
+    grads = math.ceil(total * master / st.gpus) if shard_grads else total * master
+    optim_bytes = ADAM_STATE_BYTES + (FP32 if master < FP32 else 0)  # m, v and DeepSpeed's fp32 master copy
     optim = math.ceil(total * optim_bytes / st.gpus) if shard_optim else total * optim_bytes
     return params, grads, 0 if st.offload else optim
 
@@ -395,11 +403,11 @@ def plan(m: ModelFacts, st: Setup) -> Plan:
     act = activations_of(m, st)
     pair = _state_pair_bytes(m, st)
     working_pairs = (SCAN_WORKING_PAIRS + (CP_MESSAGE_PAIRS if st.cp > 1 else 0)) if m.ttt_layers else 0
-    root_grads = m.root_params * st.param_bytes  # the head's gradient arrives first
+    root_grads = m.root_params * st.master_bytes  # the head's gradient arrives first
     moments = {
         "loss backward": (root_grads, act.saved, held_state_pairs(m, st, False) * pair, loss_bytes(m, st)),
         "last layer's backward": (
-            root_grads + m.largest_layer_params * st.param_bytes,
+            root_grads + m.largest_layer_params * st.master_bytes,
             act.saved + act.recomputed + act.backward,
             (held_state_pairs(m, st, True) + working_pairs) * pair,
             0,
@@ -439,13 +447,14 @@ def _row_notes(m: ModelFacts, result: Plan) -> dict[str, str]:
     st, act = result.setup, result.activations
     shard_params, shard_grads, shard_optim = SHARDED[st.engine]
     spread = f"sharded over {st.gpus} GPUs" if st.gpus > 1 else "one GPU"
-    optimizer = "fp32 AdamW m, v" + (" + fp32 master" if st.param_bytes < FP32 else "")
+    optimizer = "fp32 AdamW m, v" + (" + fp32 master" if st.master_bytes < FP32 else "")
+    weights = "fp32 master, bf16 compute copies" if st.master_bytes != st.param_bytes else "model dtype"
     recomputed = len(checkpointed_layers(m, st))
     kept = m.layers - recomputed
     held = f"{kept} layers + {recomputed} layer inputs, 1 recomputed" if recomputed else f"{m.layers} layers"
     kv_layers = kept + (1 if recomputed else 0)
     return {
-        "parameters": f"{spread}, root + 2 layers gathered" if shard_params else "replicated",
+        "parameters": f"{weights}; {spread}, root + 2 layers gathered" if shard_params else f"{weights}; replicated",
         "gradients": spread if shard_grads else "replicated",
         "optimizer": "in CPU memory (parallel.offload)"
         if st.offload

@@ -90,6 +90,14 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    every: int  # optimizer steps between evaluations (and one at the end); 0 turns them off
+    samples: int  # held-out sequences per evaluation
+    seed: int  # of the held-out sequences: the same for every run, so runs are scored alike
+    distance_edges: tuple[int, ...]  # key -> answer distance buckets of the accuracy
+
+
+@dataclass(frozen=True)
 class JobConfig:
     seed: int
     model: ModelConfig
@@ -100,6 +108,7 @@ class JobConfig:
     wandb: WandbConfig
     train: TrainConfig
     checkpoint: CheckpointConfig
+    eval: EvalConfig
     raw: dict[str, Any] = field(repr=False, compare=False)  # the resolved tree, for logging
 
 
@@ -233,6 +242,20 @@ def job_config(cfg: DictConfig | dict) -> JobConfig:
         keep=_int(ckpt, "keep", "checkpoint"),
         resume=resume,
     )
+    evaluation = _section(tree, "eval")
+    edges = evaluation.get("distance_edges") or []
+    _require(
+        isinstance(edges, list) and all(isinstance(e, int) and e > 0 for e in edges) and edges == sorted(set(edges)),
+        "eval.distance_edges", "an increasing list of positive integers", edges,
+    )  # fmt: skip
+    eval_cfg = EvalConfig(
+        every=_int(evaluation, "every", "eval", minimum=0),
+        samples=_int(evaluation, "samples", "eval"),
+        seed=_int(evaluation, "seed", "eval", minimum=0),
+        distance_edges=tuple(edges),
+    )
     seed = tree.get("seed")
     _require(isinstance(seed, int) and not isinstance(seed, bool), "seed", "an integer", seed)
-    return JobConfig(seed, model_cfg, ttt_cfg, parallel_cfg, data_cfg, optim_cfg, wandb_cfg, train_cfg, ckpt_cfg, tree)
+    return JobConfig(
+        seed, model_cfg, ttt_cfg, parallel_cfg, data_cfg, optim_cfg, wandb_cfg, train_cfg, ckpt_cfg, eval_cfg, tree
+    )

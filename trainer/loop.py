@@ -20,11 +20,12 @@ from parallel.sharding import IGNORE_INDEX, shard_batch
 from trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from trainer.config import JobConfig
 from trainer.data import SequenceLoader, build_dataset
+from trainer.evaluate import answer_accuracy
 from trainer.faults import PreemptionFlag
 from trainer.materialize import Materializer, load_pretrained
-from trainer.model import CausalLMLoss, build_meta_model, enable_activation_checkpointing
+from trainer.model import CausalLMLoss, build_meta_model, enable_activation_checkpointing, master_dtype
 from trainer.optim import build_optimizer, set_lr
-from trainer.tracking import MetricsFile, WandbRun
+from trainer.tracking import MetricsFile, WandbRun, write_json_atomically
 from trainer.ttt.mlp import FastWeightMLP
 
 
@@ -128,14 +129,15 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
     """Train `job` in `run_dir`; returns the last checkpoint written."""
     ranks = setup_ranks(job.parallel.cp)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = build_meta_model(job.model, job.ttt)
+    engine = job.parallel.engine if ranks.world > 1 else "single"
+    model = build_meta_model(job.model, job.ttt, master_dtype(job.model.dtype, ranks.device, engine))
     if ranks.cp_size > 1:
         apply_cp(model, ranks.cp_group, job.parallel.attention)
     if job.train.activation_checkpointing:
         enable_activation_checkpointing(model, job.train.checkpoint_every_n_layers)
     step_model = CausalLMLoss(model)
     materialize = Materializer(model, ranks.device, job.seed)
-    if ranks.world > 1 and job.parallel.engine == "fsdp2":
+    if engine == "fsdp2":
         apply_fsdp(step_model, model._no_split_modules, ranks.device, materialize)
     else:
         materialize(model)
@@ -144,13 +146,14 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
     step_model.train()
     optimizer = build_optimizer(model, job.optim)
     deepspeed_engine = None
-    if ranks.world > 1 and job.parallel.engine == "deepspeed":
+    if engine == "deepspeed":
         step_model, optimizer = init_deepspeed(
             step_model, optimizer, job.data.batch_size, job.train.grad_accum, job.train.grad_clip,
             job.parallel.zero_stage, job.parallel.offload,
         )  # fmt: skip
         deepspeed_engine = step_model
     dataset = build_dataset(job.data.name, job.data.seq_len, model.config.vocab_size, job.seed, job.data.options)
+    held_out = build_dataset(job.data.name, job.data.seq_len, model.config.vocab_size, job.eval.seed, job.data.options)
     loader = SequenceLoader(dataset, job.data.batch_size, ranks.dp_rank, ranks.dp_size)
 
     ckpt_root = run_dir / "checkpoints"
@@ -187,6 +190,9 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
             done = step + 1
             bad_in_a_row = 0 if stats["finite"] else bad_in_a_row + 1
             update_norms = _ttt_update_norms(model, ranks)  # a collective: every rank takes part
+            evaluation = None
+            if job.eval.every and (done % job.eval.every == 0 or done == job.train.steps):
+                evaluation = answer_accuracy(step_model, held_out, job.eval.samples, ranks, job.eval.distance_edges)
             if lead:
                 record = {
                     "step": done, "loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
@@ -194,6 +200,9 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
                     "peak_memory_bytes": _peak_memory_bytes(ranks.device), "skipped": not stats["finite"],
                 }  # fmt: skip
                 record.update(update_norms)
+                if evaluation is not None:
+                    record["eval/accuracy"] = evaluation["accuracy"]
+                    write_json_atomically(run_dir / "eval.json", {"step": done, **evaluation})
                 metrics.write(record)
                 wandb.log(record, step=done)
                 progress.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")

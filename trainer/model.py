@@ -16,15 +16,26 @@ from trainer.ttt import TTTConfig, patch_model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def build_meta_model(model_cfg: ModelConfig, ttt_cfg: TTTConfig):
-    """The patched model on the meta device: exact shapes, no storage (see `trainer.materialize`).
-    With `model.path`, only the folder's config.json is read here."""
+def master_dtype(model_dtype: str, device: torch.device, engine: str) -> torch.dtype:
+    """The dtype a job stores and updates its parameters in. A bf16 model trains on CUDA with fp32
+    master weights and computes in bf16 (FSDP2's mixed precision, or autocast): AdamW's small
+    updates would vanish in bf16 rounding. DeepSpeed keeps its own fp32 copy of a bf16 module."""
+    dtype = DTYPES[model_dtype]
+    if device.type == "cuda" and dtype == torch.bfloat16 and engine != "deepspeed":
+        return torch.float32
+    return dtype
+
+
+def build_meta_model(model_cfg: ModelConfig, ttt_cfg: TTTConfig, dtype: torch.dtype | None = None):
+    """The patched model on the meta device: exact shapes, no storage (see `trainer.materialize`),
+    parameters in `dtype` (default `model.dtype`). With `model.path`, only the folder's config.json
+    is read here."""
     if model_cfg.path is not None:
         config = AutoConfig.from_pretrained(model_cfg.path)
     else:
         config = AutoConfig.for_model(model_cfg.family, **model_cfg.config)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[model_cfg.dtype])
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or DTYPES[model_cfg.dtype])
     return patch_model(model, ttt_cfg)
 
 
@@ -56,7 +67,8 @@ def enable_activation_checkpointing(model, every_n_layers: int = 1) -> None:
 
 
 class CausalLMLoss(nn.Module):
-    """The decoder and its summed next-token loss in one forward.
+    """The decoder and its summed next-token loss in one forward (or, without labels, its greedy
+    next-token predictions, for evaluation).
 
     One forward keeps FSDP2's root unit (embeddings, final norm, output head) gathered for both, and
     the chunked loss never materializes the full logits.
@@ -66,7 +78,18 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         hidden = self.lm.get_decoder()(input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         head = self.lm.get_output_embeddings().weight
+        if labels is None:
+            return _greedy_tokens(hidden, head)
         return linear_cross_entropy(hidden.flatten(0, 1), head, labels.flatten())
+
+
+def _greedy_tokens(hidden: torch.Tensor, head: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """(B, S) argmax of the logits, a block of positions at a time."""
+    flat = hidden.flatten(0, 1)
+    tokens = [(flat[i : i + rows] @ head.to(flat.dtype).T).argmax(-1) for i in range(0, flat.shape[0], rows)]
+    return torch.cat(tokens).view(hidden.shape[:2])

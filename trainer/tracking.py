@@ -15,6 +15,13 @@ from pathlib import Path
 from trainer.config import WandbConfig
 
 
+def write_json_atomically(path: Path, data) -> None:
+    """Readers never see a half-written file: write beside it, then rename over it."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
 class MetricsFile:
     def __init__(self, path: Path, resume_step: int):
         self.path = path

@@ -72,9 +72,11 @@ def _check_data(job) -> None:
     else:
         vocab_size = AutoConfig.for_model(job.model.family, **job.model.config).vocab_size
     try:
-        build_dataset(job.data.name, job.data.seq_len, vocab_size, job.seed, job.data.options)
+        dataset = build_dataset(job.data.name, job.data.seq_len, vocab_size, job.seed, job.data.options)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if job.eval.every and not hasattr(dataset, "sample"):
+        raise ConfigError(f"eval.every needs a generated task with answers (data=synthetic_*), not {job.data.name}")
 
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")

@@ -3,7 +3,8 @@
 The decoder layers of transformers call `mlp(hidden_states)` with nothing else, so the document
 layout (from `position_ids` / `document_ids`) and the token embeddings reach the MLPs through this
 object, filled by hooks that `patch_model` installs on the decoder and its embedding. Under context
-parallelism it also holds the CP group and the layout of the targets' halo rows.
+parallelism it also holds the CP group and the layout of the targets' halo rows. During incremental
+decoding (`trainer.inference`) it holds the cache whose fast-weight states the MLPs read and write.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class TTTContext:
         self.layout: ChunkLayout | None = None
         self.target_layout: ChunkLayout | None = None  # layout of [halo before, shard, halo after]
         self.embeddings: torch.Tensor | None = None
+        self.decoding = None  # the fast-weight cache of an incremental-decoding forward (trainer.inference)
 
     @property
     def halo_widths(self) -> tuple[int, int]:
@@ -39,8 +41,12 @@ class TTTContext:
     def begin(self, module, args, kwargs):
         """Forward pre-hook of the decoder: derive the chunk layout of this batch."""
         cache = kwargs.get("past_key_values")
+        if hasattr(cache, "fast_weight_state"):
+            return self._begin_decoding(args, kwargs, cache)
         if cache is not None and cache.get_seq_length() > 0:
-            raise NotImplementedError("incremental decoding with TTT layers is not supported by a plain forward")
+            raise NotImplementedError(
+                "incremental decoding with TTT layers needs a trainer.inference.TTTCache as past_key_values"
+            )
         tokens = kwargs.get("input_ids", args[0] if args else None)
         reference = tokens if tokens is not None else kwargs["inputs_embeds"]
         batch, seq = reference.shape[:2]
@@ -61,6 +67,21 @@ class TTTContext:
                 raise ValueError("packed documents are masked from position_ids/document_ids: drop attention_mask")
             kwargs["use_cache"] = False
             kwargs["past_key_values"] = None
+        self.embeddings = kwargs.get("inputs_embeds")
+        return args, kwargs
+
+    def _begin_decoding(self, args, kwargs, cache):
+        """The new tokens continue one document per row; the MLPs run on the fast weights in `cache`."""
+        if self.cp_group is not None:
+            raise ValueError("incremental decoding does not run under context parallelism")
+        if "document_ids" in kwargs:
+            raise ValueError("incremental decoding reads one document per row: drop document_ids")
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+            # a padded row would write its pad tokens into the fast weights
+            raise ValueError("incremental decoding with TTT layers needs unpadded rows of equal length")
+        self.decoding = cache
+        self.layout = self.target_layout = None
         self.embeddings = kwargs.get("inputs_embeds")
         return args, kwargs
 
@@ -96,3 +117,4 @@ class TTTContext:
         """Forward hook of the decoder: a later stand-alone `mlp(x)` must not see this batch's layout."""
         self.layout = self.target_layout = None
         self.embeddings = None
+        self.decoding = None

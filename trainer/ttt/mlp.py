@@ -60,16 +60,19 @@ class FastWeightMLP(nn.Module):
         z = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
         out = self.down_proj(z)
         context = self._context
-        if context.layout is None:  # called on its own: each row is one document
-            layout = target_layout = single_document_layout(x.shape[0], x.shape[1], self.cfg.chunk_size, x.device)
-        else:
-            layout, target_layout = context.layout, context.target_layout
         if source is None:
             source = x if self.cfg.target_source == "hidden" else context.embeddings
         if source is None:
             raise ValueError("ttt.target_source=embed needs token embeddings: call the patched model or pass source=")
-        values = self._values(source.to(z.dtype), target_layout)
+        source = source.to(z.dtype)
         clip = None if self.training else self.cfg.clip
+        if context.decoding is not None:  # incremental decoding: this layer's fast weight lives in the cache
+            return out + context.decoding.fast_weight_state(self).extend(z, source, self._values, clip)
+        if context.layout is None:  # called on its own: each row is one document
+            layout = target_layout = single_document_layout(x.shape[0], x.shape[1], self.cfg.chunk_size, x.device)
+        else:
+            layout, target_layout = context.layout, context.target_layout
+        values = self._values(source, target_layout)
         if context.cp_group is None:
             fast, (committed, _) = chunk_scan(z, values, layout, self.cfg.lr, clip=clip)
             self.update_norm = _update_norm(committed)

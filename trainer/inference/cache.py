@@ -1,0 +1,105 @@
+"""`TTTCache`: transformers' KV cache plus the fast-weight state of every TTT layer, for incremental decoding.
+
+Decoding reproduces the full forward (DESIGN.md) exactly: a token of chunk c reads W_0 + sum_{c' < c} dW_c',
+and dW_c is committed once its value targets are final. The targets of chunk c read only rows of chunk c
+(inplace: the conv is zero-padded at the chunk's edges; recon: the row itself), except ntp's last row,
+which reads the source of the next chunk's first token. So a chunk is committed as soon as it is full
+(inplace, recon) or when the next chunk's first token reaches the layer (ntp). Either way that is before
+any token that reads it, and the full forward's zero target for a document's last token never matters:
+it only enters the write of the last chunk, which no token reads.
+
+Rows of a batch are documents that start together at position 0 (equal-length, unpadded prompts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache
+
+from trainer.ttt.fastweight import accumulation_dtype, clip_delta
+from trainer.ttt.layout import ChunkLayout, single_document_layout
+from trainer.ttt.patch import decoder_of
+
+# Rows after a chunk that its value targets read: ntp's last target is the next position's source.
+_LOOKAHEAD = {"ntp": 1}
+
+Targets = Callable[[torch.Tensor, ChunkLayout], torch.Tensor]
+
+
+class FastWeightState:
+    """One TTT layer's decoding state: the committed writes and the open chunk's rows.
+
+    weight:   (B, d, h) sum of committed chunk deltas (the fast part of W_down), accumulated in at
+              least fp32; None until the first commit.
+    z, source: (B, C, h) / (B, C, d) buffers of the open chunk's MLP activations and target sources;
+              the first `filled` rows are valid. A full chunk waits here only for its lookahead row.
+    """
+
+    def __init__(self, method: str, chunk_size: int, lr: float):
+        self.chunk_size, self.lr = chunk_size, lr
+        self.lookahead = _LOOKAHEAD.get(method, 0)
+        self.weight: torch.Tensor | None = None
+        self.z: torch.Tensor | None = None
+        self.source: torch.Tensor | None = None
+        self.filled = 0
+
+    def extend(self, z: torch.Tensor, source: torch.Tensor, targets: Targets, clip: float | None) -> torch.Tensor:
+        """Fast part of the MLP output for the next tokens, (B, L, d), given their activations z (B, L, h)
+        and target sources (B, L, d); commits every chunk whose targets become final on the way.
+        `targets(source, layout)` computes the value targets of rows that form one document."""
+        if self.z is None:
+            self.z = z.new_empty(z.shape[0], self.chunk_size, z.shape[-1])
+            self.source = source.new_empty(source.shape[0], self.chunk_size, source.shape[-1])
+        pieces, start, length = [], 0, z.shape[1]
+        while True:
+            if self.filled == self.chunk_size and length - start >= self.lookahead:
+                self._commit(source[:, start : start + self.lookahead], targets, clip)
+            if start == length:
+                break
+            end = min(start + self.chunk_size - self.filled, length)
+            pieces.append(self._read(z[:, start:end]))
+            self.z[:, self.filled : self.filled + end - start] = z[:, start:end]
+            self.source[:, self.filled : self.filled + end - start] = source[:, start:end]
+            self.filled += end - start
+            start = end
+        return torch.cat(pieces, dim=1)
+
+    def _read(self, z: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            return z.new_zeros(*z.shape[:-1], self.source.shape[-1])
+        return (z.to(self.weight.dtype) @ self.weight.mT).to(z.dtype)
+
+    def _commit(self, ahead: torch.Tensor, targets: Targets, clip: float | None) -> None:
+        """Write the full open chunk: dW = lr * V^T Z, with V computed as the full forward does."""
+        rows = torch.cat([self.source, ahead], dim=1)
+        layout = single_document_layout(rows.shape[0], rows.shape[1], self.chunk_size, rows.device)
+        values = targets(rows, layout)[:, : self.chunk_size]
+        acc = accumulation_dtype(self.z.dtype)
+        delta = self.lr * (values.to(acc).mT @ self.z.to(acc))
+        if clip is not None:
+            delta = clip_delta(delta, clip)
+        self.weight = delta if self.weight is None else self.weight + delta
+        self.filled = 0
+
+
+class TTTCache(DynamicCache):
+    """Pass as `past_key_values` to a patched model: attention reads/writes the K/V cache as usual, and the
+    fast-weight MLPs continue from `fast_weights[layer]` instead of restarting from W_0."""
+
+    def __init__(self, model):
+        super().__init__(config=model.config)
+        ttt_layers = getattr(model, "ttt_layers", [])  # set by patch_model; none for a plain model
+        self.fast_weights = {
+            i: FastWeightState(model.ttt_config.method, model.ttt_config.chunk_size, model.ttt_config.lr)
+            for i in ttt_layers
+        }
+        layers = decoder_of(model).layers
+        self._state_of = {id(layers[i].mlp): self.fast_weights[i] for i in ttt_layers}
+
+    def fast_weight_state(self, mlp) -> FastWeightState:
+        return self._state_of[id(mlp)]
+
+    def crop(self, max_length: int):
+        raise NotImplementedError("a TTTCache cannot be cropped: committed fast-weight writes are not undone")
