@@ -152,8 +152,10 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
             job.parallel.zero_stage, job.parallel.offload,
         )  # fmt: skip
         deepspeed_engine = step_model
-    dataset = build_dataset(job.data.name, job.data.seq_len, model.config.vocab_size, job.seed, job.data.options)
-    held_out = build_dataset(job.data.name, job.data.seq_len, model.config.vocab_size, job.eval.seed, job.data.options)
+    vocab_size = model.config.vocab_size
+    dataset = build_dataset(job.data.name, job.data.seq_len, vocab_size, job.seed, job.data.options)
+    if job.eval.every:
+        held_out = build_dataset(job.data.name, job.data.seq_len, vocab_size, job.eval.seed, job.data.options)
     loader = SequenceLoader(dataset, job.data.batch_size, ranks.dp_rank, ranks.dp_size)
 
     ckpt_root = run_dir / "checkpoints"

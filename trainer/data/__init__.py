@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from trainer.data.corpus import CorpusDataset
 from trainer.data.loader import SequenceLoader
 from trainer.data.synthetic import GENERATORS
 
@@ -15,5 +16,7 @@ __all__ = ["SequenceLoader", "build_dataset"]
 def build_dataset(name: str, seq_len: int, vocab_size: int, seed: int, options: dict):
     if name in GENERATORS:
         return GENERATORS[name](vocab_size=vocab_size, seq_len=seq_len, seed=seed, **options)
-    choices = ", ".join(sorted(GENERATORS))
+    if name == "corpus":
+        return CorpusDataset(vocab_size=vocab_size, seq_len=seq_len, seed=seed, **options)
+    choices = ", ".join(sorted([*GENERATORS, "corpus"]))
     raise ValueError(f"data.name must be one of {choices}, got {name!r}")

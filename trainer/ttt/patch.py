@@ -42,8 +42,8 @@ def patch_model(model: nn.Module, cfg: TTTConfig) -> nn.Module:
         return model
     context = TTTContext(cfg)
     for i in indices:
-        mlp = decoder.layers[i].mlp
-        decoder.layers[i].mlp = FastWeightMLP(mlp, cfg, context).train(mlp.training)  # keep its mode: clip applies in eval
+        mlp = decoder.layers[i].mlp  # the new module keeps its mode: clip applies in eval
+        decoder.layers[i].mlp = FastWeightMLP(mlp, cfg, context).train(mlp.training)
     decoder.register_forward_pre_hook(context.begin, with_kwargs=True)
     decoder.register_forward_hook(context.end, with_kwargs=True, always_call=True)
     if cfg.target_source == "embed":
