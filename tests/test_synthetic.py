@@ -28,15 +28,26 @@ TEXT = {
     "synthetic_passkey_text": dict(),
     "synthetic_niah_text": dict(num_needles=3, num_queries=2),
 }
+RULER_TOKEN_FREE = {  # RULER's multi-value needle, variable tracking and common words extraction
+    "synthetic_niah_multivalue": dict(num_values=3, digits=3),
+    "synthetic_vt": dict(num_chains=2, num_hops=3, digits=3),
+    "synthetic_cwe": dict(num_common=3, ratio=3),
+}
+RULER_TEXT = {
+    "synthetic_niah_multivalue_text": dict(num_values=3),
+    "synthetic_vt_text": dict(num_chains=2, num_hops=3),
+    "synthetic_cwe_text": dict(num_common=3, ratio=3),
+}
 
 
 def make(name: str, tokenizer_dir=None, seq_len: int | None = None, seed: int = 0, **knobs):
     """A generator for the tiny test model; text ones get longer documents (the test tokenizer's words
     take several tokens each)."""
-    if name in TEXT:
+    if name in TEXT or name in RULER_TEXT:
         return GENERATORS[name](vocab_size=TEXT_VOCAB, seq_len=seq_len or 1024, seed=seed, tokenizer=str(tokenizer_dir),
-                                **{**TEXT[name], **knobs})  # fmt: skip
-    return GENERATORS[name](vocab_size=VOCAB, seq_len=seq_len or 256, seed=seed, **{**TOKEN_FREE[name], **knobs})
+                                **{**TEXT.get(name, RULER_TEXT.get(name)), **knobs})  # fmt: skip
+    knobs = {**TOKEN_FREE.get(name, RULER_TOKEN_FREE.get(name)), **knobs}
+    return GENERATORS[name](vocab_size=VOCAB, seq_len=seq_len or 256, seed=seed, **knobs)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +75,7 @@ def test_default_recall_stream_is_unchanged():
     assert digest(small, 5) == "840225f447a1ec821fa584b05bb6cfa1dae06c57e5ae4c968f7dec580416b35a"
 
 
-@pytest.mark.parametrize("name", [*TOKEN_FREE, *TEXT])
+@pytest.mark.parametrize("name", [*TOKEN_FREE, *TEXT, *RULER_TOKEN_FREE, *RULER_TEXT])
 def test_sequences_depend_on_seed_and_index_only(name, tokenizer_dir):
     first = make(name, tokenizer_dir)
     forward = [first[i] for i in range(4)]
@@ -114,6 +125,81 @@ def test_text_answer_spans_decode_to_the_expected_answer(name, tokenizer_dir, to
             assert sample.prompt(answer).endswith(" is")  # the question, right before its answer
             written = answer.start - answer.distance
             assert tokenizer.decode(ids[written : written + answer.end - answer.start]).strip() == answer.text
+
+
+def resolve_chains(statements: list[tuple[str, str, bool]]) -> dict[str, str]:
+    """The value of every variable of (variable, right-hand side, rhs is a variable) statements in order."""
+    values = {}
+    for variable, rhs, is_variable in statements:
+        values[variable] = values[rhs] if is_variable else rhs
+    return values
+
+
+@pytest.mark.parametrize("name", RULER_TOKEN_FREE)
+def test_ruler_token_free_answers_are_right(name):
+    dataset = make(name)
+    language, marker = dataset.language, {part: SPECIALS + i for i, part in enumerate(["needle", "query", "and"])}
+    for index in range(4):
+        sample = dataset.sample(index)
+        ids = sample.input_ids[0].tolist()
+        answers = sorted(sample.answers, key=lambda a: a.start)
+        spans = [ids[a.start : a.end] for a in answers]
+        written = [ids[a.start - a.distance : a.end - a.distance] for a in answers]
+        if name == "synthetic_niah_multivalue":  # all values of the one key, each after "and" but the first
+            assert spans == written and len(spans) == 3 and all(len(span) == 3 for span in spans)
+            key = ids[answers[0].start - 1]
+            assert all(ids[a.start - a.distance - 2 : a.start - a.distance] == [marker["needle"], key] for a in answers)
+            assert [ids[a.start - 1] for a in answers[1:]] == [marker["and"]] * 2
+        elif name == "synthetic_vt":  # markers: var, is, query; a statement is var K is (digits | var K)
+            var, is_, query = SPECIALS, SPECIALS + 1, SPECIALS + 2
+            statements, t = [], 0
+            while t < answers[0].start:
+                if ids[t] == var and ids[t + 2] == is_:
+                    rhs = (ids[t + 4],) if ids[t + 3] == var else tuple(ids[t + 3 : t + 6])
+                    statements.append((ids[t + 1], rhs, ids[t + 3] == var))
+                    t += 5 if ids[t + 3] == var else 6
+                else:
+                    t += 1
+            values = resolve_chains([(k, rhs[0] if chained else rhs, chained) for k, rhs, chained in statements])
+            asked = tuple(ids[answers[0].start - 3 : answers[0].start])  # query marker, the value's digits
+            assert ids[answers[0].start - 4] == query and len(statements) == 2 * 4
+            assert [span[0] for span in spans] == [k for k, _, _ in statements if values[k] == asked]  # chain order
+            assert spans == written
+        else:  # the asked words are the most frequent ones in the list, `ratio` times as frequent as the rest
+            listed = [t for t in ids[: answers[0].start - 1] if t in set(language.keys.tolist())]
+            counts = sorted(((listed.count(k), k) for k in set(listed)), reverse=True)
+            assert {k for _, k in counts[:3]} == {span[0] for span in spans} and spans == written
+            assert counts[2][0] == 3 * counts[3][0] and ids[answers[0].start - 1] == SPECIALS
+
+
+@pytest.mark.parametrize("name", RULER_TEXT)
+def test_ruler_text_answers_are_right(name, tokenizer_dir, tokenizer):
+    import re
+
+    dataset = make(name, tokenizer_dir)
+    for index in range(3):
+        sample = dataset.sample(index)
+        ids, text = sample.input_ids[0], sample.documents[0].text
+        assert tokenizer.decode(ids) == text
+        answers = sorted(sample.answers, key=lambda a: a.start)
+        for answer in answers:
+            assert tokenizer.decode(ids[answer.start : answer.end]).strip() == answer.text
+            assert tokenizer.decode(ids[: answer.start]) == sample.prompt(answer)
+        expected = [a.text for a in answers]
+        asked = text[answers[0].char_start :]
+        assert asked == " " + ", ".join(expected)  # the answers end the document, listed in one reply
+        if name == "synthetic_niah_multivalue_text":
+            key = re.search(r"magic numbers for (\S+) mentioned", sample.prompt(answers[0])).group(1)
+            assert sorted(re.findall(rf"magic numbers for {key} is: (\d+)\.", text)) == sorted(expected)
+        elif name == "synthetic_vt_text":
+            statements = re.findall(r"VAR (\S+) = (VAR )?(\S+)\.", text)
+            values = resolve_chains([(k, rhs, bool(chained)) for k, chained, rhs in statements])
+            value = re.search(r"assigned the value (\d+) are:$", sample.prompt(answers[0])).group(1)
+            assert expected == [k for k, _, _ in statements if values[k] == value] and len(statements) == 2 * 4
+        else:
+            listed = re.findall(r" (\S+),", text[: text.index(" Question:")])
+            counts = sorted(((listed.count(w), w) for w in set(listed)), reverse=True)
+            assert {w for _, w in counts[:3]} == set(expected) and counts[2][0] >= 3 * counts[3][0]
 
 
 def test_answers_only_loss_keeps_the_labels_that_predict_answers(tokenizer_dir):
@@ -212,15 +298,22 @@ def test_packed_documents_keep_their_boundaries(name, tokenizer_dir, tokenizer):
         ("synthetic_passkey_text", dict(tokenizer=None), "data.tokenizer must be a local tokenizer folder, got None"),
         ("synthetic_niah_text", dict(vocab_size=256), "data: the tokenizer has 300 ids, more than vocab_size=256"),
         ("synthetic_niah_text", dict(num_needles=200), "data.num_needles must be an integer in [1, 144]"),
+        ("synthetic_niah_multivalue", dict(num_values=0), "data.num_values must be an integer in [1, 11]"),
+        ("synthetic_vt", dict(num_chains=3), "data: vocab_size=61 is too small for num_chains=3 of num_hops=3"),
+        ("synthetic_vt_text", dict(num_chains=40), "data.num_chains must be an integer in [1, 36]"),
+        ("synthetic_vt", dict(num_hops=-1), "data.num_hops must be an integer >= 0"),
+        ("synthetic_cwe", dict(ratio=1), "data.ratio must be an integer >= 2"),
+        ("synthetic_cwe", dict(seq_len=12), "data: documents of 12 tokens cannot hold 3 common words 3 times each"),
+        ("synthetic_cwe_text", dict(num_common=144), "data.num_common must be an integer in [1, 143]"),
     ],
 )
 def test_bad_settings_fail_with_one_line(name, knobs, message, tokenizer_dir):
     knobs = {**knobs}
-    vocab_size = knobs.pop("vocab_size", TEXT_VOCAB if name in TEXT else VOCAB)
-    if name in TEXT:
-        knobs = {**TEXT[name], "tokenizer": str(tokenizer_dir), **knobs}
+    vocab_size = knobs.pop("vocab_size", TEXT_VOCAB if name in TEXT or name in RULER_TEXT else VOCAB)
+    if name in TEXT or name in RULER_TEXT:
+        knobs = {**TEXT.get(name, RULER_TEXT.get(name)), "tokenizer": str(tokenizer_dir), **knobs}
     else:
-        knobs = {**TOKEN_FREE[name], **knobs}
+        knobs = {**TOKEN_FREE.get(name, RULER_TOKEN_FREE.get(name)), **knobs}
     with pytest.raises(ValueError) as err:
         GENERATORS[name](vocab_size=vocab_size, seq_len=knobs.pop("seq_len", 256), seed=0, **knobs)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)

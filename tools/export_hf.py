@@ -39,14 +39,24 @@ def load_trained_model(checkpoint: Path, config: Path):
     return model.eval()
 
 
-def _checkpoint_error(checkpoint: Path) -> str | None:
+def load_checkpoint_model(checkpoint: Path, config: Path | None = None):
+    """`load_trained_model` for user input: the run's config defaults to RUN/.hydra/config.yaml, and anything
+    that is not a loadable DCP checkpoint of that config is a ValueError with a one-line message."""
+    config = config or checkpoint.parent.parent / ".hydra" / "config.yaml"
     meta = checkpoint / "meta.json"
     if not meta.is_file():
-        return f"{checkpoint} is not a complete checkpoint (no meta.json)"
+        raise ValueError(f"{checkpoint} is not a complete checkpoint (no meta.json)")
     fmt = json.loads(meta.read_text()).get("format", "dcp")
     if fmt != "dcp":
-        return f"{checkpoint} is a {fmt} checkpoint; only DCP checkpoints (parallel.engine fsdp2 or ddp) export"
-    return None
+        raise ValueError(f"{checkpoint} is a {fmt} checkpoint; only DCP ones (parallel.engine fsdp2 or ddp) load")
+    if not config.is_file():
+        raise ValueError(f"no run config at {config} (pass --config)")
+    try:
+        return load_trained_model(checkpoint, config)
+    except ConfigError as err:
+        raise ValueError(f"{config}: {err}") from err
+    except (CheckpointException, RuntimeError, ValueError) as err:  # e.g. the checkpoint of another model
+        raise ValueError(f"cannot load {checkpoint} into the model of {config}: {str(err).splitlines()[0]}") from err
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,19 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: the run's model.dtype)")
     args = parser.parse_args(argv)
 
-    config = args.config or args.checkpoint.parent.parent / ".hydra" / "config.yaml"
-    if problem := _checkpoint_error(args.checkpoint):
-        parser.error(problem)
-    if not config.is_file():
-        parser.error(f"no run config at {config} (pass --config)")
     if args.out.exists():
         parser.error(f"{args.out} already exists")
     try:
-        model = load_trained_model(args.checkpoint, config)
-    except ConfigError as err:
-        parser.error(f"{config}: {err}")
-    except (CheckpointException, RuntimeError, ValueError) as err:  # e.g. the checkpoint of another model
-        parser.error(f"cannot load {args.checkpoint} into the model of {config}: {str(err).splitlines()[0]}")
+        model = load_checkpoint_model(args.checkpoint, args.config)
+    except ValueError as err:
+        parser.error(str(err))
     if args.dtype:
         model.to(DTYPES[args.dtype])
 

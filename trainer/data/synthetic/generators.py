@@ -8,12 +8,22 @@ follow the passkey test of Mohtashami & Jaggi (2023) and RULER's needle.
 from __future__ import annotations
 
 from trainer.data.synthetic.language import TokenLanguage
-from trainer.data.synthetic.tasks import Needle, Recall, require
+from trainer.data.synthetic.tasks import CommonWords, MultiValue, Needle, Recall, VariableTracking, require
 from trainer.data.synthetic.text import TextLanguage
 
 _RECALL = {"head": (), "write": ("{key}", "{value}"), "query": ("{key}", "{value}")}
 _PASSKEY = {"head": (), "write": ("needle", "{value}"), "query": ("query", "{value}")}
 _NEEDLE = {"head": (), "write": ("needle", "{key}", "{value}"), "query": ("query", "{key}", "{value}")}
+_MULTIVALUE = {**_NEEDLE, "more": ("and", "{value}")}
+_VARIABLES = {
+    "head": (),
+    "write": ("var", "{key}", "is", "{value}"),
+    "hop": ("var", "{key}", "is", "var", "{key}"),
+    "query": ("query", "{value}"),
+    "answer": ("{key}",),
+    "more": ("{key}",),
+}
+_COMMON_WORDS = {"head": (), "entry": ("{key}",), "query": ("query",), "answer": ("{key}",), "more": ("{key}",)}
 
 _RECALL_TEXT = {
     "head": "Memorize the codes below. I will ask for them later.",
@@ -33,6 +43,34 @@ _NEEDLE_TEXT = {
     "query": " What is the special magic number for {key} mentioned in the provided text? "
     "The special magic number for {key} mentioned in the provided text is {value}.",
 }
+_MULTIVALUE_TEXT = {
+    **_NEEDLE_TEXT,
+    "query": " What are all the special magic numbers for {key} mentioned in the provided text? "
+    "The special magic numbers for {key} mentioned in the provided text are {value}",
+    "more": ", {value}",
+}
+_VARIABLES_TEXT = {
+    "head": "Memorize and track the chain(s) of variable assignment hidden in the following text.",
+    "write": " VAR {key} = {value}.",
+    "hop": " VAR {key} = VAR {key}.",
+    "query": " Question: Find all variables that are assigned the value {value} in the text above. Answer: "
+    "According to the chain(s) of variable assignment in the text above, the variables assigned the value "
+    "{value} are:",
+    "answer": " {key}",
+    "more": ", {key}",
+}
+
+
+def _common_words_text(num_common: int) -> dict[str, str]:
+    return {
+        "head": "Below is a list of words. In these words, some appear more often than others. "
+        "Memorize the ones that appear most often.",
+        "entry": " {key},",
+        "query": f" Question: What are the {num_common} most common words in the above list? Answer: "
+        f"The top {num_common} words that appear most often in the list are:",
+        "answer": " {key}",
+        "more": ", {key}",
+    }
 
 
 class SyntheticRecall(Recall):
@@ -104,6 +142,81 @@ class TextNeedle(Needle):
     ) -> None:  # fmt: skip
         language = TextLanguage(tokenizer, vocab_size, _NEEDLE_TEXT, _digits(digits))
         super().__init__(language, seq_len, seed, num_needles, num_queries, depth, docs_per_sequence, loss_on)
+
+
+class SyntheticMultiValue(MultiValue):
+    """Multi-value needle in its own small vocabulary: `num_values` needles (marker, key, digits) share one
+    key; the query marker and the key are answered by every value, joined by an "and" marker."""
+
+    def __init__(
+        self, vocab_size: int, seq_len: int, seed: int, num_values: int = 4, digits: int = 7,
+        depth: float | None = None, docs_per_sequence: int = 1, loss_on: str = "all",
+    ) -> None:  # fmt: skip
+        language = TokenLanguage(vocab_size, _MULTIVALUE, _digits(digits), 1, f"num_values={num_values}")
+        super().__init__(language, seq_len, seed, num_values, depth, docs_per_sequence, loss_on)
+
+
+class TextMultiValue(MultiValue):
+    """Multi-value needle as text (RULER's niah_multivalue): "What are all the special magic numbers for
+    amber-falcon ...? ... are 4821937, 1203945, ..." """
+
+    def __init__(
+        self, vocab_size: int, seq_len: int, seed: int, tokenizer: str | None = None, num_values: int = 4,
+        digits: int = 7, depth: float | None = None, docs_per_sequence: int = 1, loss_on: str = "all",
+    ) -> None:  # fmt: skip
+        language = TextLanguage(tokenizer, vocab_size, _MULTIVALUE_TEXT, _digits(digits))
+        super().__init__(language, seq_len, seed, num_values, depth, docs_per_sequence, loss_on)
+
+
+class SyntheticVariableTracking(VariableTracking):
+    """Variable tracking in its own small vocabulary: var marker, key, is marker, then digits (the first
+    assignment) or var marker and key (a hop); the query marker and the value are answered by the keys."""
+
+    def __init__(
+        self, vocab_size: int, seq_len: int, seed: int, num_chains: int = 1, num_hops: int = 4, digits: int = 5,
+        docs_per_sequence: int = 1, loss_on: str = "all",
+    ) -> None:  # fmt: skip
+        needs = f"num_chains={num_chains} of num_hops={num_hops}"
+        variables = num_chains * (num_hops + 1) if isinstance(num_chains, int) and isinstance(num_hops, int) else 1
+        language = TokenLanguage(vocab_size, _VARIABLES, _digits(digits), variables, needs)
+        super().__init__(language, seq_len, seed, num_chains, num_hops, docs_per_sequence, loss_on)
+
+
+class TextVariableTracking(VariableTracking):
+    """Variable tracking as text (RULER's vt): "VAR amber-falcon = 12345." then "VAR cobalt-comet = VAR
+    amber-falcon." ...; "... the variables assigned the value 12345 are: amber-falcon, cobalt-comet, ..." """
+
+    def __init__(
+        self, vocab_size: int, seq_len: int, seed: int, tokenizer: str | None = None, num_chains: int = 1,
+        num_hops: int = 4, digits: int = 5, docs_per_sequence: int = 1, loss_on: str = "all",
+    ) -> None:  # fmt: skip
+        language = TextLanguage(tokenizer, vocab_size, _VARIABLES_TEXT, _digits(digits))
+        super().__init__(language, seq_len, seed, num_chains, num_hops, docs_per_sequence, loss_on)
+
+
+class SyntheticCommonWords(CommonWords):
+    """Common words extraction in its own small vocabulary: the words are key tokens; the query marker is
+    answered by the `num_common` frequent ones."""
+
+    def __init__(
+        self, vocab_size: int, seq_len: int, seed: int, num_common: int = 10, ratio: int = 10,
+        docs_per_sequence: int = 1, loss_on: str = "all",
+    ) -> None:  # fmt: skip
+        words = num_common + 1 if isinstance(num_common, int) else 2
+        language = TokenLanguage(vocab_size, _COMMON_WORDS, None, words, f"num_common={num_common}")
+        super().__init__(language, seq_len, seed, num_common, ratio, docs_per_sequence, loss_on)
+
+
+class TextCommonWords(CommonWords):
+    """Common words extraction as text (RULER's cwe): "amber-falcon, jolly-harp, ..." and "... the top 10
+    words that appear most often in the list are: amber-falcon, ..." (the words are the key names)."""
+
+    def __init__(
+        self, vocab_size: int, seq_len: int, seed: int, tokenizer: str | None = None, num_common: int = 10,
+        ratio: int = 10, docs_per_sequence: int = 1, loss_on: str = "all",
+    ) -> None:  # fmt: skip
+        language = TextLanguage(tokenizer, vocab_size, _common_words_text(num_common), digits=1)
+        super().__init__(language, seq_len, seed, num_common, ratio, docs_per_sequence, loss_on)
 
 
 def _digits(digits: int) -> int:

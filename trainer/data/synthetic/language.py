@@ -17,7 +17,7 @@ from trainer.data.synthetic.sample import Haystack, Piece
 
 BOS, SPECIALS = 1, 4  # token ids below SPECIALS are reserved
 PLACEHOLDERS = ("{key}", "{value}")
-_ROLES = {"write": "writes", "query": "answers"}  # what the first {value} of a template does
+_ROLES = {"write": "writes", "query": "answers", "more": "answers"}  # what the first {value} of a template does
 
 
 class Language(ABC):
@@ -38,6 +38,14 @@ class Language(ABC):
                 role = None
             else:
                 pieces.append(part)
+        return pieces
+
+    def fill(self, name: str, *keys: Piece, value: Piece | None = None) -> list[Piece]:
+        """Template `name` with its i-th `{key}` replaced by `keys[i]` and every `{value}` by `value`: for
+        tasks whose items are not one key's value (the caller sets the pieces' roles)."""
+        keys, pieces = iter(keys), []
+        for part in self._templates[name]:
+            pieces.append(next(keys) if part == "{key}" else value if part == "{value}" else part)
         return pieces
 
     def bound(self, name: str) -> int:
