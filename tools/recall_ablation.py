@@ -82,27 +82,35 @@ def markdown(summary: dict, answers: int) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
-    """Accuracy vs key -> query distance (bucket midpoints), one line per method."""
+    """Accuracy per key -> query distance bucket, one line per method (styled apart: lines may overlap)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4))
-    for method, s in summary.items():
-        points = [(b, b["accuracy"]) for b in s["by_distance"] if b["accuracy"] is not None]
-        xs = [(b["min"] + (b["max"] if b["max"] is not None else b["min"] + 32)) / 2 for b, _ in points]
-        axes.plot(xs, [a for _, a in points], marker="o", label=method)
+    styles = zip("osD^v", ("-", "--", "-.", ":", "-"))
+    for (method, s), (marker, line) in zip(summary.items(), styles):
+        points = [(i, b["accuracy"]) for i, b in enumerate(s["by_distance"]) if b["accuracy"] is not None]
+        axes.plot([i for i, _ in points], [a for _, a in points], marker=marker, linestyle=line, label=method)
+    buckets = next(iter(summary.values()))["by_distance"]
+    axes.set_xticks(range(len(buckets)), [_bucket_label(b) for b in buckets])
     axes.set_xlabel("key -> query distance (tokens)")
-    axes.set_ylabel("recall accuracy")
-    axes.set_ylim(0, 1)
+    axes.set_ylabel("recall accuracy (mean over seeds)")
+    axes.set_ylim(-0.02, 1.02)
     axes.grid(alpha=0.3)
-    axes.legend(title="ttt.method")
+    axes.legend(title="ttt.method", loc="center right")
     figure.tight_layout()
     temporary = path.with_name(f".{path.stem}.tmp.png")
     figure.savefig(temporary, dpi=120)
     plt.close(figure)
     temporary.replace(path)
+
+
+def _bucket_label(bucket: dict) -> str:
+    if bucket["max"] is None:
+        return f">= {bucket['min']}"
+    return f"< {bucket['max']}" if bucket["min"] == 0 else f"{bucket['min']}-{bucket['max']}"
 
 
 def write_report(sweep_dir: Path, wandb_cfg: WandbConfig | None) -> str:
