@@ -170,10 +170,13 @@ def test_engines_shard_what_they_promise():
     facts, setup = _qwen3_8b_at_128k(gpus=8)
     states = {engine: state_bytes(facts, replace(setup, engine=engine)) for engine in SHARDED}
     n = facts.params
-    assert states["ddp"] == (2 * n, 2 * n, 12 * n)  # bf16 weights and gradients; fp32 m, v, master
-    assert states["fsdp2"][1:] == states["deepspeed-zero3"][1:] == (n * 2 // 8, n * 12 // 8)
-    assert states["deepspeed-zero2"] == (2 * n, *states["fsdp2"][1:])
-    assert states["fsdp2"][0] == states["deepspeed-zero3"][0] < 2 * n
+    # fp32 master weights (plus autocast's bf16 copy of each), fp32 gradients, fp32 m and v
+    assert states["ddp"] == (6 * n, 4 * n, 8 * n)
+    assert states["fsdp2"][1:] == (n * 4 // 8, n * 8 // 8)  # the same sharded; bf16 copies gathered per unit
+    # DeepSpeed: a bf16 module, its fp32 master copy in the optimizer
+    assert states["deepspeed-zero3"][1:] == (n * 2 // 8, n * 12 // 8)
+    assert states["deepspeed-zero2"] == (2 * n, *states["deepspeed-zero3"][1:])
+    assert states["fsdp2"][0] < 2 * n and states["deepspeed-zero3"][0] < 2 * n
 
 
 def test_command_line_ends_with_the_machine_readable_line(capsys):

@@ -168,11 +168,20 @@ class Setup:
     checkpointing: bool
     checkpoint_every: int  # transformers recomputes the layers whose index is a multiple of it
     attention: str
-    param_bytes: int  # the dtype weights compute in (model.dtype)
-    master_bytes: int  # the dtype parameters are stored and updated in
+    model_dtype: str  # model.dtype: what weights compute in
+    device: str
     act_bytes: int
     triton_loss: bool  # the loss runs the Triton kernels (CUDA) rather than the torch path
     ttt: TTTConfig
+
+    @property
+    def param_bytes(self) -> int:
+        return DTYPES[self.model_dtype].itemsize
+
+    @property
+    def master_bytes(self) -> int:
+        """What parameters are stored and updated in (`trainer.model.master_dtype`)."""
+        return master_dtype(self.model_dtype, torch.device(self.device), self.engine.split("-")[0]).itemsize
 
     @property
     def tokens(self) -> int:
@@ -194,7 +203,6 @@ def _engine(engine: str, zero_stage: int, gpus: int) -> str:
 
 def setup_of(job: JobConfig, gpus: int, device: str) -> Setup:
     param_bytes = DTYPES[job.model.dtype].itemsize
-    engine = _engine(job.parallel.engine, job.parallel.zero_stage, gpus)
     cuda = device == "cuda" and job.model.dtype != "float64"  # bf16 autocast and the Triton loss
     par = job.parallel
     return Setup(
@@ -202,13 +210,13 @@ def setup_of(job: JobConfig, gpus: int, device: str) -> Setup:
         batch=job.data.batch_size,
         cp=par.cp,
         gpus=gpus,
-        engine=engine,
+        engine=_engine(par.engine, par.zero_stage, gpus),
         offload=par.engine == "deepspeed" and par.offload and gpus > 1,
         checkpointing=job.train.activation_checkpointing,
         checkpoint_every=job.train.checkpoint_every_n_layers,
         attention=par.attention,
-        param_bytes=param_bytes,
-        master_bytes=master_dtype(job.model.dtype, torch.device(device), engine.split("-")[0]).itemsize,
+        model_dtype=job.model.dtype,
+        device=device,
         act_bytes=torch.bfloat16.itemsize if cuda else param_bytes,
         triton_loss=cuda,
         ttt=job.ttt,
