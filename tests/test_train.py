@@ -175,6 +175,21 @@ def test_bad_config_values_fail_with_one_line(tmp_path, override, message):
     assert result.stderr.strip().splitlines() == [f"error: {message}"]
 
 
+def test_resuming_on_another_data_stream_is_refused(tmp_path):
+    cli(*FAST, f"hydra.run.dir={tmp_path}", "logging.wandb.mode=disabled")
+    changed = cli(*FAST, f"hydra.run.dir={tmp_path}", "checkpoint.resume=auto", "train.steps=9", "data.num_pairs=4",
+                  "seed=1", check=False, timeout=120)  # fmt: skip
+    assert changed.returncode == 2
+    assert changed.stderr.strip().splitlines() == [
+        f"error: checkpoint.resume: {tmp_path}/checkpoints/step-6 read another data stream (data.num_pairs, seed "
+        "changed); resuming would not continue it"
+    ]
+    missing = cli(*FAST, f"hydra.run.dir={tmp_path}", f"checkpoint.resume={tmp_path}/nope", check=False, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"error: checkpoint.resume={tmp_path}/nope: not a complete checkpoint (no meta.json)"
+    ]
+
+
 def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
     """Recomputed layers must see the forward's packed-document layout (restored by the TTT context)."""
     # inplace: its conv masks (unlike NTP's doc-end zeros) change gradients if the layout were lost.

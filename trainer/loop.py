@@ -19,7 +19,7 @@ from parallel.mesh import build_mesh
 from parallel.sharding import IGNORE_INDEX, shard_batch
 from trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from trainer.config import JobConfig
-from trainer.data import SequenceLoader, build_dataset
+from trainer.data import SequenceLoader, build_dataset, stream_identity
 from trainer.evaluate import answer_accuracy
 from trainer.faults import PreemptionFlag
 from trainer.materialize import Materializer, load_pretrained
@@ -180,7 +180,8 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
     bad_in_a_row = 0
 
     def checkpoint(step: int) -> Path:
-        meta = {"data": loader.state_dict(), "wandb_run_id": wandb.run_id if wandb else None}
+        stream = stream_identity(job.data.name, job.data.seq_len, job.seed, job.data.options)
+        meta = {"data": loader.state_dict(), "data_stream": stream, "wandb_run_id": wandb.run_id if wandb else None}
         return save_checkpoint(ckpt_root, step, model, optimizer, meta, job.checkpoint.keep, deepspeed_engine)
 
     try:

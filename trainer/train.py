@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import uuid
@@ -79,6 +80,27 @@ def _check_data(job) -> None:
         raise ConfigError(f"eval.every needs a generated task with answers (data=synthetic_*), not {job.data.name}")
 
 
+def _check_resume(job, run_dir: Path) -> None:
+    """A checkpoint to resume from exists, and it was trained on the data stream this job reads."""
+    from trainer.checkpoint import resolve_resume
+    from trainer.data import stream_identity
+
+    try:
+        checkpoint = resolve_resume(run_dir / "checkpoints", job.checkpoint.resume)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    if checkpoint is None:
+        return
+    saved = json.loads((checkpoint / "meta.json").read_text()).get("data_stream")
+    current = json.loads(json.dumps(stream_identity(job.data.name, job.data.seq_len, job.seed, job.data.options)))
+    if saved is not None and saved != current:
+        changed = sorted(k for k in {**saved, **current} if saved.get(k) != current.get(k))
+        raise ConfigError(
+            f"checkpoint.resume: {checkpoint} read another data stream ({', '.join(changed)} changed); "
+            "resuming would not continue it"
+        )
+
+
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
@@ -92,6 +114,7 @@ def main(cfg: DictConfig) -> None:
                 f"parallel.cp={job.parallel.cp} does not divide parallel.nproc_per_node={job.parallel.nproc_per_node}"
             )
         _check_data(job)
+        _check_resume(job, Path(hydra_cfg.runtime.output_dir))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -10,7 +10,7 @@ from trainer.data.corpus import CorpusDataset
 from trainer.data.loader import SequenceLoader
 from trainer.data.synthetic import GENERATORS
 
-__all__ = ["SequenceLoader", "build_dataset"]
+__all__ = ["SequenceLoader", "build_dataset", "stream_identity"]
 
 
 def build_dataset(name: str, seq_len: int, vocab_size: int, seed: int, options: dict):
@@ -20,3 +20,9 @@ def build_dataset(name: str, seq_len: int, vocab_size: int, seed: int, options: 
         return CorpusDataset(vocab_size=vocab_size, seq_len=seq_len, seed=seed, **options)
     choices = ", ".join(sorted([*GENERATORS, "corpus"]))
     raise ValueError(f"data.name must be one of {choices}, got {name!r}")
+
+
+def stream_identity(name: str, seq_len: int, seed: int, options: dict) -> dict:
+    """What fixes the sequence stream (sequence i is a function of these and i): saved in checkpoints,
+    so a resume that would read another stream is refused."""
+    return {"seed": seed, "data.name": name, "data.seq_len": seq_len, **{f"data.{k}": v for k, v in options.items()}}
