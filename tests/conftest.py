@@ -56,6 +56,6 @@ def _seed():
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """A small byte-level BPE tokenizer folder, trained locally on generated text."""
-    from textdata import build_tokenizer
+    from tools.textdata import build_tokenizer
 
     return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))

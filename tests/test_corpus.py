@@ -13,9 +13,9 @@ from collections import Counter
 import pytest
 import torch
 from test_train import FAST, cli, compose_job, metrics
-from textdata import make_documents
 
 from parallel.sharding import IGNORE_INDEX, document_starts
+from tools.textdata import make_documents
 from trainer.data import SequenceLoader, build_dataset
 from trainer.data.corpus import CorpusDataset
 from trainer.data.errors import DataError

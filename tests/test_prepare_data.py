@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from textdata import make_documents
 from transformers import AutoTokenizer
 
 import trainer.data.prepare
 from tools.prepare_data import main
+from tools.textdata import make_documents
 from trainer.data.errors import DataError
 from trainer.data.prepare import prepare
 from trainer.data.shards import MANIFEST, ShardWriter, length_histogram, merge_histograms, open_prepared, read_manifest

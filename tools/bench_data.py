@@ -1,7 +1,7 @@
 """Data pipeline throughput: preparing token shards and loading training sequences, against the rate at
 which the tiny model trains on CPU (the loader must never be the bottleneck: at least 10x).
 
-The corpus is generated English-like text (`tests/textdata.py`: documents of 20-200 sentences, about
+The corpus is generated English-like text (`tools/textdata.py`: documents of 20-200 sentences, about
 400-4,000 tokens) and the tokenizer a byte-level BPE trained on it locally, unless --tokenizer names a
 local Hugging Face folder. Rows:
 - prepare: `trainer.data.prepare.prepare` end to end (reading JSONL, tokenizing, writing and hashing
@@ -21,7 +21,6 @@ The ratio column is each row's tokens/s over the training rate.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from tools.benchutil import OneLineErrorParser, positive_int
+from tools.textdata import build_tokenizer, make_documents
 from trainer.config import job_config
 from trainer.data import SequenceLoader
 from trainer.data.corpus import CorpusDataset
@@ -36,15 +36,11 @@ from trainer.data.prepare import prepare
 from trainer.loop import run
 from trainer.train import CONF_DIR
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 LOADER_RATIO_FLOOR = 10.0
 
 
 def _corpus(folder: Path, documents: int) -> tuple[Path, Path]:
-    """Generated documents as JSONL and a tokenizer trained on such text (the test suite's helpers)."""
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from textdata import build_tokenizer, make_documents
-
+    """Generated documents as JSONL and a tokenizer trained on such text (the test suite's too)."""
     path = folder / "corpus.jsonl"
     with open(path, "w") as handle:
         for text in make_documents(documents, seed=0, min_sentences=20, max_sentences=200):

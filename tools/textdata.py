@@ -1,4 +1,5 @@
-"""Generated English-like text and a tokenizer trained on it locally (tests never download one)."""
+"""Generated English-like text and a byte-level BPE tokenizer trained on it locally, for tests and
+benchmarks that need text without downloading any."""
 
 from __future__ import annotations
 
