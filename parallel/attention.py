@@ -176,11 +176,12 @@ def register_cp_attention(kind: str, group) -> str:
 def init_deepspeed_comm() -> None:
     """DeepSpeed's collectives run over the already initialised torch.distributed group."""
     import deepspeed.comm
-    import deepspeed.comm.torch
+    import deepspeed.ops
 
+    if not torch.cuda.is_available():
+        # On CPU DeepSpeed JIT-builds a shared-memory all-reduce kernel (an inference speed-up we never
+        # call) whose threads abort the process at exit; marking it unavailable keeps every DeepSpeed
+        # code path that would build it on plain gloo, which is all Ulysses and the engine need.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not deepspeed.comm.is_initialized():
-        if not torch.cuda.is_available():
-            # On CPU DeepSpeed JIT-builds a shared-memory all-reduce kernel (an inference speed-up we
-            # never call) whose threads abort the process at exit; plain gloo is all Ulysses needs.
-            deepspeed.comm.torch.build_shm_op = lambda: None
         deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
