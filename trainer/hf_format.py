@@ -15,19 +15,16 @@ implements In-Place TTT, so three fields are ours and default to the release's b
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.utils import logging as hf_logging
 
+from trainer.materialize import Materializer, load_pretrained
 from trainer.ttt import TTTConfig, patch_model
 from trainer.ttt.patch import decoder_of
 
 _RELEASE_TARGETS = {"hidden": "hidden_states", "embed": "input_embed"}
-_TTT_WEIGHT = ".ttt_"  # in the names of the TTT parameters, and of no base-model parameter
 
 
 def ttt_config_fields(cfg: TTTConfig, num_layers: int) -> dict:
@@ -75,40 +72,18 @@ def save_ttt_model(model, folder: Path, max_shard_size: str | int = "5GB") -> No
 
 def load_ttt_model(folder: Path, dtype: torch.dtype | str = "auto", clip: float | None = None):
     """The patched model of a folder written by `save_ttt_model` or by the In-Place TTT release, in eval
-    mode. `clip` sets the inference-only tau (overriding the folder's)."""
+    mode. `clip` sets the inference-only tau (overriding the folder's); `dtype` "auto" is the folder's."""
     config = AutoConfig.from_pretrained(folder)
     ttt_cfg = ttt_config_from_fields(config)
     if clip is not None:
         ttt_cfg = dataclasses.replace(ttt_cfg, clip=clip)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report lists the TTT weights as unexpected; checked below
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if info["missing_keys"] or info["mismatched_keys"] or any(_TTT_WEIGHT not in k for k in info["unexpected_keys"]):
-        raise ValueError(f"{folder}: weights do not fit {config.architectures}: {info}")
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     patch_model(model, ttt_cfg)
-    _load_ttt_weights(model, Path(folder))
-    return model.eval()  # from_pretrained's eval mode does not reach the MLPs patched after it
-
-
-def _load_ttt_weights(model, folder: Path) -> None:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        file_of = json.loads(index.read_text())["weight_map"]
-    else:
-        with safe_open(folder / "model.safetensors", "pt") as f:
-            file_of = dict.fromkeys(f.keys(), "model.safetensors")
-    params = {name: p for name, p in model.named_parameters() if _TTT_WEIGHT in name}
-    stored = {name for name in file_of if _TTT_WEIGHT in name}
-    if stored != set(params):
-        raise ValueError(
-            f"{folder}: TTT weights {sorted(stored - set(params))} are not in the model, "
-            f"{sorted(set(params) - stored)} are not in the folder (check ttt_layers / ttt_proj / ttt_method)"
-        )
-    with torch.no_grad():
-        for file in sorted({file_of[name] for name in params}):
-            with safe_open(folder / file, "pt") as f:
-                for name in (n for n in params if file_of[n] == file):
-                    params[name].copy_(f.get_tensor(name))
+    Materializer(model, torch.device("cpu"), seed=0)(model)  # every value is then read from the folder
+    load_pretrained(model, str(folder), with_ttt=True)
+    return model.eval()

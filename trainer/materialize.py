@@ -62,14 +62,15 @@ class Materializer:
             yield
 
 
-def load_pretrained(model: nn.Module, folder: str) -> None:
+def load_pretrained(model: nn.Module, folder: str, with_ttt: bool = False) -> None:
     """Copy a Hugging Face safetensors checkpoint into `model` (plain or FSDP2-sharded parameters,
     any dtype). A released base model lacks the TTT parameters, which keep their drop-in initial
-    values (one exported from a TTT run has them); any other parameter the folder lacks, or a
-    tensor it has that the model lacks, is an error."""
+    values (one exported from a TTT run has them; `with_ttt` requires them); any other parameter
+    the folder lacks, or a tensor it has that the model lacks, is an error."""
     reader = HuggingFaceStorageReader(folder)
     stored = set(reader.read_metadata().state_dict_metadata)
-    expected = {name for name in _without_tied_duplicates(model.state_dict(keep_vars=True)) if ".ttt_" not in name}
+    distinct = _without_tied_duplicates(model.state_dict(keep_vars=True))
+    expected = {name for name in distinct if with_ttt or ".ttt_" not in name}
     state = model.state_dict()
     missing, unexpected = sorted(expected - stored), sorted(stored - set(state))
     if missing or unexpected:
