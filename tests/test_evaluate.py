@@ -12,7 +12,7 @@ from test_train import FAST, compose_job, metrics
 
 from parallel.context_parallel import apply_cp
 from trainer.data.synthetic import SyntheticRecall
-from trainer.evaluate import answer_accuracy
+from trainer.evaluation.answers import answer_accuracy
 from trainer.loop import Ranks, run
 from trainer.model import CausalLMLoss, build_model
 from trainer.ttt import TTTConfig

@@ -3,10 +3,10 @@ the documents perplexity is measured on. Bad input is a ValueError with a one-li
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tools.export_hf import load_checkpoint_model
+from trainer.data.documents import iter_documents, resolve_inputs
 from trainer.data.synthetic import GENERATORS
 from trainer.hf_format import load_ttt_model
 from trainer.model import DTYPES
@@ -38,21 +38,20 @@ def load_tokenizer(folder: Path, vocab_size: int):
 
 def perplexity_documents(source: str, length: int, count: int, vocab_size: int, tokenizer=None, tokenizer_dir=None):
     """Up to `count` documents of 2 .. `length` tokens, (1, S) each: sequences 0 .. count-1 of a generator
-    (`source` a GENERATORS name; text ones use the tokenizer), or the texts of a file (JSONL with a "text"
-    field per line, or any other file as one document), tokenized and cut to `length`."""
+    (`source` a GENERATORS name; text ones use the tokenizer), or the documents of a file or folder as
+    `tools.prepare_data` reads them (.txt, .jsonl / .parquet with a "text" field, a datasets folder),
+    tokenized and cut to `length`."""
     if source in GENERATORS:
         options = {"tokenizer": tokenizer_dir} if source.endswith("_text") else {}
         dataset = GENERATORS[source](vocab_size=vocab_size, seq_len=length, seed=0, **options)
         return [dataset.sample(i).input_ids for i in range(count)]
     path = Path(source)
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"--ppl-data must be a file or one of {', '.join(sorted(GENERATORS))}, got {source!r}")
     if tokenizer is None:
         raise ValueError("--ppl-data FILE needs --tokenizer")
-    lines = path.read_text().splitlines() if path.suffix == ".jsonl" else None
-    texts = [json.loads(line)["text"] for line in lines if line.strip()] if lines is not None else [path.read_text()]
     documents = []
-    for text in texts:
+    for text in iter_documents(resolve_inputs([path])):  # read as tools.prepare_data reads its inputs
         ids = tokenizer(text, return_tensors="pt").input_ids[:, :length]
         if ids.shape[1] >= 2:
             documents.append(ids)

@@ -3,7 +3,7 @@
     ttt-train -m experiment=recall_ablation           # trains + evaluates every (method, seed), then reports
     python -m tools.recall_ablation multirun/<name>   # (re)build the report of a finished sweep
 
-Each run of the sweep leaves `eval.json` (the final held-out evaluation, `trainer/evaluate.py`) and its
+Each run of the sweep leaves `eval.json` (the final held-out evaluation, `trainer/evaluation/answers.py`) and its
 composed config. The report (`ablation.md`, `ablation.json`, `ablation.png` in the sweep directory)
 gives per method the mean, sample standard deviation and range of the accuracy over seeds, and the
 mean accuracy per distance bucket; it is logged to W&B as a run of the sweep's group.
@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from tools.benchutil import OneLineErrorParser
 from trainer.config import WandbConfig
-from trainer.tracking import WandbRun, write_json_atomically
+from trainer.tracking import WandbRun, write_json_atomically, write_text_atomically
 
 METHODS = ("none", "recon", "inplace", "ntp")  # the table's order
 
@@ -119,9 +119,7 @@ def write_report(sweep_dir: Path, wandb_cfg: WandbConfig | None) -> str:
     summary = summarize(runs)
     table = markdown(summary, runs[0]["answers"])
     write_json_atomically(sweep_dir / "ablation.json", {"runs": runs, "summary": summary})
-    temporary = sweep_dir / ".ablation.md.tmp"
-    temporary.write_text(table)
-    temporary.replace(sweep_dir / "ablation.md")
+    write_text_atomically(sweep_dir / "ablation.md", table)
     plot(summary, sweep_dir / "ablation.png")
     if wandb_cfg is not None and wandb_cfg.mode != "disabled":
         _log_to_wandb(summary, sweep_dir, wandb_cfg)

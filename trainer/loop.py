@@ -20,7 +20,7 @@ from parallel.sharding import IGNORE_INDEX, shard_batch
 from trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from trainer.config import JobConfig
 from trainer.data import SequenceLoader, build_dataset, stream_identity
-from trainer.evaluate import answer_accuracy
+from trainer.evaluation.answers import answer_accuracy
 from trainer.faults import PreemptionFlag
 from trainer.materialize import Materializer, load_pretrained
 from trainer.model import CausalLMLoss, build_meta_model, enable_activation_checkpointing, master_dtype

@@ -15,11 +15,15 @@ from pathlib import Path
 from trainer.config import WandbConfig
 
 
-def write_json_atomically(path: Path, data) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
     """Readers never see a half-written file: write beside it, then rename over it."""
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    temporary.write_text(text)
     os.replace(temporary, path)
+
+
+def write_json_atomically(path: Path, data) -> None:
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
 class MetricsFile:

@@ -1,5 +1,4 @@
-"""Long-context evaluation of a trained model (`python -m tools.eval`): perplexity by position, a RULER-style
-suite scored by string match on greedy generations, and a needle-in-a-haystack depth x length grid.
-
-`trainer.evaluate` is the other kind: the training loop's teacher-forced answer accuracy.
+"""Evaluation: `answers` is the training loop's teacher-forced answer accuracy (`eval.every`); the rest
+serves `python -m tools.eval` on a trained model: perplexity by position, a RULER-style suite scored by
+string match on greedy generations, and a needle-in-a-haystack depth x length grid.
 """
