@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import metadata
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -35,6 +37,24 @@ def tiny_mistral(layers: int = 2, dtype=torch.float64) -> MistralForCausalLM:
     """With a sliding window shorter than the test sequences, so windowed masks are exercised."""
     cfg = MistralConfig(**_shape(layers), head_dim=6, sliding_window=6)
     return MistralForCausalLM(cfg).to(dtype).eval()
+
+
+_REPORTED_PACKAGES = ("torch", "transformers", "deepspeed", "accelerate", "hydra-core", "wandb", "triton")
+
+
+def pytest_sessionstart(session) -> None:
+    """Print the versions a failure report needs (the project leans on these libraries' internals),
+    also under -q, which hides pytest's own header."""
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("versions: " + ", ".join(f"{name} {version(name)}" for name in _REPORTED_PACKAGES))
 
 
 MODEL_BUILDERS = {"qwen3": tiny_qwen3, "llama": tiny_llama, "mistral": tiny_mistral}

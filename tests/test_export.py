@@ -104,14 +104,15 @@ def test_release_checkpoint_loads_with_the_release_math(tmp_path):
     """A folder as the release writes it (its config fields only, its weight names) loads into the framework,
     and the loaded fast-weight MLP computes what the release's MLP computes."""
     release = tiny_llama(dtype=torch.float64)
-    patch_model(release, TTTConfig(method="inplace", layers=[0], chunk_size=4, lr=0.3, target_source="embed"))
+    release_cfg = TTTConfig(method="inplace", layers=[0], chunk_size=4, lr=0.3, target_source="embed", write="raw")
+    patch_model(release, release_cfg)
     randomize_ttt_parameters(release)
     release.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, **RELEASE_FIELDS}))
 
     loaded = load_ttt_model(tmp_path)
-    assert loaded.ttt_config == TTTConfig(method="inplace", layers=[0], chunk_size=4, lr=0.3, target_source="embed")
+    assert loaded.ttt_config == release_cfg  # the release's write: raw
     ids = torch.randint(0, VOCAB, (1, 11))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, release(ids).logits, rtol=0, atol=1e-14)

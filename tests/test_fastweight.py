@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.ttt.fastweight import chunk_scan, clip_delta, naive_fastweight
+from trainer.ttt.fastweight import (
+    chunk_scan,
+    clip_delta,
+    naive_fastweight,
+    naive_normalized_fastweight,
+    read_scale,
+    write_keys,
+)
 from trainer.ttt.layout import build_layout, document_position_ids
 
 F64 = torch.float64
@@ -30,6 +37,38 @@ def test_scan_equals_prefix_sum(lengths, chunk):
     z, v = random_inputs(2, pos.shape[1])
     out, _ = chunk_scan(z, v, build_layout(pos, chunk, batch_size=2), lr=0.7)
     torch.testing.assert_close(out, naive_fastweight(z, v, pos, chunk, lr=0.7), rtol=1e-12, atol=1e-12)
+
+
+def normalized_scan(z, v, pos, chunk, lr):
+    """The normalized write as the MLP runs it: unit keys through the chunk scan, the read scaled per chunk."""
+    layout = build_layout(pos, chunk, batch_size=z.shape[0])
+    out, _ = chunk_scan(write_keys(z, "normalized"), v, layout, lr)
+    return out * read_scale(layout.position_ids, chunk, "normalized", out.dtype)
+
+
+@pytest.mark.parametrize("lengths,chunk", [((16,), 4), ((3, 9, 1, 10), 4), ((7, 12, 5), 5), ((33,), 1)])
+def test_normalized_scan_equals_the_token_pair_sum(lengths, chunk):
+    pos = packed_positions(*lengths)
+    z, v = random_inputs(2, pos.shape[1], requires_grad=True)
+    out = normalized_scan(z, v, pos, chunk, 0.7)
+    want = naive_normalized_fastweight(z, v, pos, chunk, 0.7)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    got_grads = torch.autograd.grad((out * grad).sum(), (z, v))
+    want_grads = torch.autograd.grad((want * grad).sum(), (z, v))
+    for got, expected in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_normalized_read_ignores_the_activation_scale_and_is_bounded_at_any_length():
+    pos = packed_positions(64)
+    z, v = random_inputs(1, 64)
+    z[:, 0] *= 1e4  # an attention-sink token with massive activations
+    out = normalized_scan(z, v, pos, 4, 1.0)
+    torch.testing.assert_close(normalized_scan(1e3 * z, v, pos, 4, 1.0), out, rtol=1e-10, atol=1e-12)
+    assert out.norm(dim=-1).max() <= v.norm(dim=-1).max()  # a weighted mean with weights in [-1, 1]
+    raw, _ = chunk_scan(z, v, build_layout(pos, 4), 1.0)
+    assert raw.norm(dim=-1).max() > 1e3 * v.norm(dim=-1).max()  # the raw write's gain: the sink dominates
 
 
 def test_documents_marked_by_a_position_jump_restart_their_state():

@@ -8,7 +8,7 @@ from conftest import MODEL_BUILDERS, VOCAB, randomize_ttt_parameters
 from transformers import DynamicCache
 
 import trainer.inference.cache
-from trainer.inference import TTTCache, decode_step, generate, prefill
+from trainer.inference import TTTCache, cache_kwargs, decode_step, generate, prefill
 from trainer.ttt import TTTConfig, patch_model
 
 CHUNK = 4
@@ -20,6 +20,8 @@ VARIANTS = {
     "qwen3-inplace-clip": ("qwen3", dict(method="inplace", clip=0.05)),
     "llama-ntp-clip": ("llama", dict(method="ntp", clip=0.05)),
     "mistral-inplace": ("mistral", dict(method="inplace")),  # sliding window 6 < sequence length
+    "qwen3-ntp-raw": ("qwen3", dict(method="ntp", write="raw")),  # the release's write
+    "llama-inplace-raw-clip": ("llama", dict(method="inplace", write="raw", clip=0.05)),
 }
 
 
@@ -78,7 +80,8 @@ def test_greedy_generation_is_the_argmax_of_the_full_forward():
         full = model(out).logits
     assert torch.equal(full[:, 4:-1].argmax(dim=-1), out[:, 5:])
     # transformers' generate runs the same decoding when handed a TTTCache
-    assert torch.equal(model.generate(prompt, past_key_values=TTTCache(model), max_new_tokens=12, do_sample=False), out)
+    cache = cache_kwargs(model, TTTCache(model))
+    assert torch.equal(model.generate(prompt, **cache, max_new_tokens=12, do_sample=False), out)
 
 
 def test_sampling_is_reproducible_given_a_seed():
@@ -108,10 +111,10 @@ def test_plain_cache_and_padded_rows_are_refused():
     ids = torch.randint(0, VOCAB, (2, 6))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(model, cache), use_cache=True)
         with pytest.raises(NotImplementedError, match="needs a trainer.inference.TTTCache"):
-            model(ids[:, :1], past_key_values=cache, use_cache=True)
+            model(ids[:, :1], **cache_kwargs(model, cache), use_cache=True)
         mask = torch.ones_like(ids)
         mask[1, 0] = 0
         with pytest.raises(ValueError, match="unpadded rows of equal length"):
-            model(ids, attention_mask=mask, past_key_values=TTTCache(model), use_cache=True)
+            model(ids, attention_mask=mask, **cache_kwargs(model, TTTCache(model)), use_cache=True)

@@ -8,7 +8,7 @@ from conftest import MODEL_BUILDERS, VOCAB, randomize_ttt_parameters, tiny_qwen3
 from transformers import PhiConfig, PhiForCausalLM
 
 from trainer.ttt import TTTConfig, patch_model
-from trainer.ttt.fastweight import naive_fastweight
+from trainer.ttt.fastweight import naive_fastweight, naive_normalized_fastweight
 from trainer.ttt.mlp import FastWeightMLP
 from trainer.ttt.targets import naive_value_targets
 
@@ -23,18 +23,21 @@ METHOD_CONFIGS = {
 
 
 def design_formula(mlp: FastWeightMLP, x: torch.Tensor, source: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """O_c = Z_c (W_0 + sum_{c' < c} dW_c')^T, with the targets of DESIGN.md, one document at a time."""
+    """O_c = Z_c (W_0 + sum_{c' < c} dW_c')^T, with the targets of DESIGN.md, one document at a time (the raw
+    write; the normalized one reads the mean over earlier tokens with unit-norm keys)."""
     cfg = mlp.cfg
     z = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
     conv = mlp.ttt_conv.weight if cfg.method == "inplace" else None
     proj = mlp.ttt_proj.weight if cfg.proj else None
     values = naive_value_targets(cfg.method, source, pos, cfg.chunk_size, conv, proj)
-    return mlp.down_proj(z) + naive_fastweight(z, values, pos, cfg.chunk_size, cfg.lr)
+    fast = naive_fastweight if cfg.write == "raw" else naive_normalized_fastweight
+    return mlp.down_proj(z) + fast(z, values, pos, cfg.chunk_size, cfg.lr)
 
 
+@pytest.mark.parametrize("write", ["raw", "normalized"])
 @pytest.mark.parametrize("variant", sorted(METHOD_CONFIGS))
-def test_mlp_equals_design_formula_fp64(variant):
-    model = patch_model(tiny_qwen3(), TTTConfig(chunk_size=4, lr=0.5, **METHOD_CONFIGS[variant]))
+def test_mlp_equals_design_formula_fp64(variant, write):
+    model = patch_model(tiny_qwen3(), TTTConfig(chunk_size=4, lr=0.5, write=write, **METHOD_CONFIGS[variant]))
     randomize_ttt_parameters(model)
     mlp = model.model.layers[1].mlp
     x = torch.randn(2, 19, 24, dtype=torch.float64)
@@ -44,8 +47,9 @@ def test_mlp_equals_design_formula_fp64(variant):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_mlp_gradients_fp64():
-    model = patch_model(tiny_qwen3(), TTTConfig(method="ntp", chunk_size=3, lr=0.5, layers=[0]))
+@pytest.mark.parametrize("write", ["raw", "normalized"])
+def test_mlp_gradients_fp64(write):
+    model = patch_model(tiny_qwen3(), TTTConfig(method="ntp", chunk_size=3, lr=0.5, layers=[0], write=write))
     randomize_ttt_parameters(model)
     mlp = model.model.layers[0].mlp
     for param in mlp.parameters():
@@ -121,6 +125,7 @@ def test_checkpoint_keys_of_the_base_model_load_unchanged():
         (dict(layers="every:0"), "ttt.layers must be"),
         (dict(layers="some"), "ttt.layers must be"),
         (dict(clip=-1.0), "ttt.clip must be positive"),
+        (dict(write="sum"), "ttt.write must be one of raw, normalized"),
     ],
 )
 def test_bad_config_values(kwargs, message):

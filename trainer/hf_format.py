@@ -5,11 +5,13 @@ The release's Qwen3/Llama configs carry `ttt_mode`, `ttt_layers`, `ttt_chunk`, `
 `ttt_target` ("hidden_states" | "input_embed"); its fast-weight MLPs name their weights exactly as
 `FastWeightMLP` does (`model.layers.<i>.mlp.ttt_conv.weight`, a depthwise kernel-5 Conv1d applied per
 chunk, and `model.layers.<i>.mlp.ttt_proj.weight`, used as `T @ P`), so weights need no renaming. It only
-implements In-Place TTT, so three fields are ours and default to the release's behaviour when absent:
+implements In-Place TTT with the raw write, so four fields are ours and default to the release's behaviour
+when absent:
 
     ttt_method       TTTConfig.method       absent: "inplace"
     ttt_conv_kernel  TTTConfig.conv_kernel  absent: 5
     ttt_clip_tau     TTTConfig.clip         absent, null or <= 0: no clip (the name of a release fork's field)
+    ttt_write        TTTConfig.write        absent: "raw" (the release's dW_c = eta V_c^T Z_c)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def ttt_config_fields(cfg: TTTConfig, num_layers: int) -> dict:
         "ttt_method": cfg.method,
         "ttt_conv_kernel": cfg.conv_kernel,
         "ttt_clip_tau": cfg.clip,
+        "ttt_write": cfg.write,
     }
 
 
@@ -60,6 +63,7 @@ def ttt_config_from_fields(config) -> TTTConfig:
         proj=bool(getattr(config, "ttt_proj", True)),
         target_source=targets[target],
         clip=float(tau) if tau is not None and tau > 0 else None,
+        write=getattr(config, "ttt_write", "raw"),
     )
 
 

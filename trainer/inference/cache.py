@@ -13,12 +13,13 @@ Rows of a batch are documents that start together at position 0 (equal-length, u
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
 
-from trainer.ttt.fastweight import accumulation_dtype, clip_delta
+from trainer.ttt.fastweight import accumulation_dtype, clip_delta, read_scale
 from trainer.ttt.layout import ChunkLayout, single_document_layout
 from trainer.ttt.patch import decoder_of
 
@@ -32,22 +33,24 @@ class FastWeightState:
     """One TTT layer's decoding state: the committed writes and the open chunk's rows.
 
     weight:   (B, d, h) sum of committed chunk deltas (the fast part of W_down), accumulated in at
-              least fp32; None until the first commit.
+              least fp32; None until the first commit. `commits` chunks are in it.
     z, source: (B, C, h) / (B, C, d) buffers of the open chunk's MLP activations and target sources;
               the first `filled` rows are valid. A full chunk waits here only for its lookahead row.
     """
 
-    def __init__(self, method: str, chunk_size: int, lr: float):
-        self.chunk_size, self.lr = chunk_size, lr
+    def __init__(self, method: str, chunk_size: int, lr: float, write: str):
+        self.chunk_size, self.lr, self.write = chunk_size, lr, write
         self.lookahead = _LOOKAHEAD.get(method, 0)
         self.weight: torch.Tensor | None = None
+        self.commits = 0
         self.z: torch.Tensor | None = None
         self.source: torch.Tensor | None = None
         self.filled = 0
 
     def extend(self, z: torch.Tensor, source: torch.Tensor, targets: Targets, clip: float | None) -> torch.Tensor:
-        """Fast part of the MLP output for the next tokens, (B, L, d), given their activations z (B, L, h)
-        and target sources (B, L, d); commits every chunk whose targets become final on the way.
+        """Fast part of the MLP output for the next tokens, (B, L, d), given their keys z (B, L, h; the
+        activations, normalized for the normalized write) and target sources (B, L, d); commits every
+        chunk whose targets become final on the way.
         `targets(source, layout)` computes the value targets of rows that form one document."""
         if self.z is None:
             self.z = z.new_empty(z.shape[0], self.chunk_size, z.shape[-1])
@@ -69,7 +72,10 @@ class FastWeightState:
     def _read(self, z: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             return z.new_zeros(*z.shape[:-1], self.source.shape[-1])
-        return (z.to(self.weight.dtype) @ self.weight.mT).to(z.dtype)
+        fast = z.to(self.weight.dtype) @ self.weight.mT
+        # These tokens belong to chunk `commits` of the document: the full forward's read scale at its start.
+        scale = read_scale(torch.tensor(self.commits * self.chunk_size), self.chunk_size, self.write, fast.dtype)
+        return (fast if scale is None else fast * scale.to(fast.device)).to(z.dtype)
 
     def _commit(self, ahead: torch.Tensor, targets: Targets, clip: float | None) -> None:
         """Write the full open chunk: dW = lr * V^T Z, with V computed as the full forward does."""
@@ -81,20 +87,25 @@ class FastWeightState:
         if clip is not None:
             delta = clip_delta(delta, clip)
         self.weight = delta if self.weight is None else self.weight + delta
+        self.commits += 1
         self.filled = 0
 
 
+def cache_kwargs(model, cache) -> dict:
+    """`{name: cache}` for `model(...)`: transformers 5.24 renamed the forward's `past_key_values` to `cache`."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 class TTTCache(DynamicCache):
-    """Pass as `past_key_values` to a patched model: attention reads/writes the K/V cache as usual, and the
-    fast-weight MLPs continue from `fast_weights[layer]` instead of restarting from W_0."""
+    """Pass to a patched model as its KV cache (`cache_kwargs(model, cache)`): attention reads/writes the K/V
+    cache as usual, and the fast-weight MLPs continue from `fast_weights[layer]` instead of restarting from W_0."""
 
     def __init__(self, model):
         super().__init__(config=model.config)
         ttt_layers = getattr(model, "ttt_layers", [])  # set by patch_model; none for a plain model
-        self.fast_weights = {
-            i: FastWeightState(model.ttt_config.method, model.ttt_config.chunk_size, model.ttt_config.lr)
-            for i in ttt_layers
-        }
+        cfg = getattr(model, "ttt_config", None)
+        self.fast_weights = {i: FastWeightState(cfg.method, cfg.chunk_size, cfg.lr, cfg.write) for i in ttt_layers}
         layers = decoder_of(model).layers
         self._state_of = {id(layers[i].mlp): self.fast_weights[i] for i in ttt_layers}
 

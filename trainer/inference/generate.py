@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.inference.cache import TTTCache
+from trainer.inference.cache import TTTCache, cache_kwargs
 
 
 @torch.no_grad()
@@ -25,7 +25,8 @@ def prefill(
     kept = []
     for start in range(0, input_ids.shape[1], piece):
         ids = input_ids[:, start : start + piece]
-        kept.append(model(ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1).logits)
+        keep = 0 if all_logits else 1
+        kept.append(model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=keep).logits)
     logits = torch.cat(kept, dim=1)
     return (logits if all_logits else logits[:, -1]), cache
 
@@ -33,7 +34,7 @@ def prefill(
 @torch.no_grad()
 def decode_step(model, tokens: torch.Tensor, cache: TTTCache) -> torch.Tensor:
     """Feed one token per row, (B,), after the cached positions; returns the next-token logits (B, V)."""
-    return model(tokens[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+    return model(tokens[:, None], **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
 
 
 def next_token(

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 METHODS = ("none", "inplace", "ntp", "recon")
+WRITES = ("raw", "normalized")  # see trainer/ttt/fastweight.py
 TARGET_SOURCES = ("hidden", "embed")
 
 _EVERY_RULE = re.compile(r"^every:(\d+)(?::(\d+))?$")
@@ -29,6 +30,8 @@ class TTTConfig:
     proj:          learn the d x d target projection P (`ttt_proj`). Required by "ntp" and "recon".
     target_source: T, the value-target source: the MLP input ("hidden") or token embeddings ("embed").
     clip:          tau; at inference a chunk delta with Frobenius norm above tau is scaled to tau.
+    write:         "normalized" (unit-norm keys, each chunk reads the mean of the writes before it: the same
+                   scale for any model and length) | "raw" (the In-Place TTT release's dW_c = eta V_c^T Z_c).
     """
 
     method: str = "inplace"
@@ -39,6 +42,7 @@ class TTTConfig:
     proj: bool = True
     target_source: str = "hidden"
     clip: float | None = None
+    write: str = "normalized"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -53,6 +57,8 @@ class TTTConfig:
             raise ValueError(
                 f"ttt.target_source must be one of {', '.join(TARGET_SOURCES)}, got {self.target_source!r}"
             )
+        if self.write not in WRITES:
+            raise ValueError(f"ttt.write must be one of {', '.join(WRITES)}, got {self.write!r}")
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"ttt.clip must be positive or None, got {self.clip!r}")
         if self.method in ("ntp", "recon") and not self.proj:

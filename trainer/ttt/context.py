@@ -20,6 +20,13 @@ from trainer.ttt.layout import ChunkLayout, build_layout, document_position_ids
 
 _NO_NEIGHBOUR = -2  # a position that breaks the +1 steps next to any real position
 
+# The decoder's KV-cache argument: `cache` from transformers 5.24 on, `past_key_values` before.
+_CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def _cache_argument(kwargs: dict):
+    return next((kwargs[name] for name in _CACHE_KWARGS if kwargs.get(name) is not None), None)
+
 
 class TTTContext:
     def __init__(self, cfg: TTTConfig):
@@ -40,12 +47,12 @@ class TTTContext:
 
     def begin(self, module, args, kwargs):
         """Forward pre-hook of the decoder: derive the chunk layout of this batch."""
-        cache = kwargs.get("past_key_values")
+        cache = _cache_argument(kwargs)
         if hasattr(cache, "fast_weight_state"):
             return self._begin_decoding(args, kwargs, cache)
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError(
-                "incremental decoding with TTT layers needs a trainer.inference.TTTCache as past_key_values"
+                "incremental decoding with TTT layers needs a trainer.inference.TTTCache as its KV cache"
             )
         tokens = kwargs.get("input_ids", args[0] if args else None)
         reference = tokens if tokens is not None else kwargs["inputs_embeds"]
@@ -66,7 +73,8 @@ class TTTContext:
             if kwargs.get("attention_mask") is not None:
                 raise ValueError("packed documents are masked from position_ids/document_ids: drop attention_mask")
             kwargs["use_cache"] = False
-            kwargs["past_key_values"] = None
+            for name in _CACHE_KWARGS:
+                kwargs.pop(name, None)
         self.embeddings = kwargs.get("inputs_embeds")
         return args, kwargs
 

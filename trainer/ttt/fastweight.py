@@ -16,6 +16,18 @@ The state is a pair (committed, pending): `committed` holds the writes of finish
 the partial write of a chunk that is still open at the end of the sequence. Under context
 parallelism a chunk can straddle two ranks: the next rank reads `committed` for the rest of that
 chunk and adds `pending` into the write when the chunk closes.
+
+Two writes share the scan (`TTTConfig.write`):
+
+    raw          the In-Place TTT release's formula above: keys K = Z. Its gain lr * sum_s (Z_t . Z_s) grows
+                 with the activations' scale and with the number of tokens written.
+    normalized   keys K_t = Z_t / ||Z_t|| (unit L2 norm per token), and chunk c reads the mean of what the
+                 c*C positions before it wrote:  O_t = lr / (cC) * sum_{s in chunks < c} (K_t . K_s) V_s.
+                 Every weight K_t . K_s lies in [-1, 1], so |O_t| <= lr * max_s |V_s| at any scale and length.
+
+`write_keys` and `read_scale` turn the scan into the normalized write (the state stays the plain sum
+sum_c V_c^T K_c, so CP's state passing is unchanged); `naive_normalized_fastweight` is its reference, written
+as the token-pair sum.
 """
 
 from __future__ import annotations
@@ -25,6 +37,24 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from trainer.ttt.layout import ChunkLayout, RowGroup, Segment, document_spans
+
+_KEY_EPS = 1e-6  # a zero activation row gets a zero key, not a division by zero
+
+
+def write_keys(z: torch.Tensor, write: str) -> torch.Tensor:
+    """The keys the fast weight is written and read with: Z itself (raw) or Z / ||Z|| per token (normalized)."""
+    if write == "raw":
+        return z
+    return torch.nn.functional.normalize(z, dim=-1, eps=_KEY_EPS)
+
+
+def read_scale(position_ids: torch.Tensor, chunk_size: int, write: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """(B, S, 1) factor of each token's fast read, or None for raw: 1 / (c C) for a token of chunk c = pos // C,
+    the number of positions whose writes it reads (0 in a document's first chunk, which reads nothing)."""
+    if write == "raw":
+        return None
+    before = ((position_ids // chunk_size) * chunk_size).to(dtype)
+    return torch.where(before > 0, 1 / before.clamp_min(1), 0).unsqueeze(-1)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -211,3 +241,21 @@ def _naive_document(z, v, first_pos, chunk_size, lr, clip):
     before = torch.cat([torch.zeros_like(deltas[:1]), deltas.cumsum(dim=0)[:-1]])  # exclusive prefix sum
     out = torch.einsum("nch,ndh->ncd", zp, before).reshape(-1, v.shape[-1])
     return out[front : front + z.shape[0]]
+
+
+def naive_normalized_fastweight(
+    z: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor, chunk_size: int, lr: float
+) -> torch.Tensor:
+    """Reference of the normalized write as a token-pair sum, one document at a time:
+    O_t = lr / (c_t C) * sum_{s: c_s < c_t} (K_t . K_s) V_s with K = Z / ||Z|| and c = position // C."""
+    position_ids = position_ids.expand(z.shape[0], -1)
+    keys = z / z.norm(dim=-1, keepdim=True).clamp_min(_KEY_EPS)
+    out = torch.zeros(*z.shape[:-1], v.shape[-1], dtype=z.dtype, device=z.device)
+    for b in range(z.shape[0]):
+        pos = position_ids[b].tolist()
+        for a, e in document_spans(pos):
+            chunk = torch.tensor(pos[a:e], device=z.device) // chunk_size
+            reads = chunk[:, None] > chunk[None, :]  # token t reads token s of an earlier chunk
+            weights = (keys[b, a:e] @ keys[b, a:e].T) * reads
+            out[b, a:e] = lr * (weights @ v[b, a:e]) / (chunk * chunk_size).clamp_min(1).unsqueeze(-1)
+    return out

@@ -9,7 +9,7 @@ from parallel.halo import halo_rows
 from parallel.state_scan import exclusive_state_scan
 from trainer.ttt.config import TTTConfig
 from trainer.ttt.context import TTTContext
-from trainer.ttt.fastweight import chunk_scan, read_incoming_state
+from trainer.ttt.fastweight import chunk_scan, read_incoming_state, read_scale, write_keys
 from trainer.ttt.layout import single_document_layout
 from trainer.ttt.targets import value_targets
 
@@ -66,24 +66,26 @@ class FastWeightMLP(nn.Module):
             raise ValueError("ttt.target_source=embed needs token embeddings: call the patched model or pass source=")
         source = source.to(z.dtype)
         clip = None if self.training else self.cfg.clip
+        keys = write_keys(z, self.cfg.write)
         if context.decoding is not None:  # incremental decoding: this layer's fast weight lives in the cache
-            return out + context.decoding.fast_weight_state(self).extend(z, source, self._values, clip)
+            return out + context.decoding.fast_weight_state(self).extend(keys, source, self._values, clip)
         if context.layout is None:  # called on its own: each row is one document
             layout = target_layout = single_document_layout(x.shape[0], x.shape[1], self.cfg.chunk_size, x.device)
         else:
             layout, target_layout = context.layout, context.target_layout
         values = self._values(source, target_layout)
         if context.cp_group is None:
-            fast, (committed, _) = chunk_scan(z, values, layout, self.cfg.lr, clip=clip)
-            self.update_norm = _update_norm(committed)
-            return out + fast
-        # Context parallel: scan the shard from zero, pass states across ranks, add what the
-        # incoming state contributes to this shard's first document.
-        fast, (committed, pending) = chunk_scan(z, values, layout, self.cfg.lr)
-        self.update_norm = _update_norm(committed)
-        resets = layout.doc_start.any(dim=1)
-        incoming = exclusive_state_scan(committed, pending, resets, context.cp_group)
-        return out + fast + read_incoming_state(z, layout, *incoming)
+            fast, (committed, _) = chunk_scan(keys, values, layout, self.cfg.lr, clip=clip)
+        else:
+            # Context parallel: scan the shard from zero, pass states across ranks, add what the
+            # incoming state contributes to this shard's first document.
+            fast, (committed, pending) = chunk_scan(keys, values, layout, self.cfg.lr)
+            resets = layout.doc_start.any(dim=1)
+            incoming = exclusive_state_scan(committed, pending, resets, context.cp_group)
+            fast = fast + read_incoming_state(keys, layout, *incoming)
+        self.update_norm = self._update_norm(committed, layout)
+        scale = read_scale(layout.position_ids, self.cfg.chunk_size, self.cfg.write, fast.dtype)
+        return out + (fast if scale is None else fast * scale)
 
     def _values(self, source: torch.Tensor, target_layout) -> torch.Tensor:
         """Value targets of this shard; under CP they may read halo rows of the neighbouring shards."""
@@ -96,10 +98,13 @@ class FastWeightMLP(nn.Module):
         values = value_targets(self.cfg.method, source, target_layout, conv, proj)
         return values[:, before : values.shape[1] - after]
 
+    def _update_norm(self, committed: torch.Tensor, layout) -> torch.Tensor:
+        """Frobenius norm of the fast-weight update a token after this forward would read (batch mean), for
+        metrics: the accumulated writes, divided by the positions they cover for the normalized write."""
+        norm = torch.linalg.matrix_norm(committed.detach())
+        scale = read_scale(layout.position_ids[:, -1] + 1, self.cfg.chunk_size, self.cfg.write, norm.dtype)
+        return (norm if scale is None else norm * scale.squeeze(-1)).mean()
+
     def extra_repr(self) -> str:
-        return f"method={self.cfg.method}, chunk_size={self.cfg.chunk_size}, lr={self.cfg.lr}"
-
-
-def _update_norm(committed: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of the fast-weight update this forward accumulated (batch mean), for metrics."""
-    return torch.linalg.matrix_norm(committed.detach()).mean()
+        cfg = self.cfg
+        return f"method={cfg.method}, chunk_size={cfg.chunk_size}, lr={cfg.lr}, write={cfg.write}"
