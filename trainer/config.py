@@ -60,6 +60,7 @@ class OptimConfig:
     eps: float
     warmup_steps: int
     min_lr_ratio: float
+    ttt_lr: float  # peak lr of the TTT parameters (ttt_conv, ttt_proj: new, zero-initialised, never decayed)
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ def job_config(cfg: DictConfig | dict) -> JobConfig:
         eps=_number(optim, "eps", "optim", positive=True),
         warmup_steps=_int(optim, "warmup_steps", "optim", minimum=0),
         min_lr_ratio=min_lr_ratio,
+        ttt_lr=_number(optim, "ttt_lr", "optim", positive=True),
     )
     tags = wandb.get("tags") or []
     _require(isinstance(tags, list), "logging.wandb.tags", "a list", tags)

@@ -10,12 +10,19 @@ from trainer.config import OptimConfig
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """Weight decay on matrices only; norms, biases and other vectors are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Weight decay on the base model's matrices only; norms, biases and other vectors are not decayed.
+    The TTT parameters (`ttt_conv`, `ttt_proj`) are new and start at their drop-in values: they get their own
+    peak lr (`optim.ttt_lr`; continued training of a released model moves its own weights far more gently)
+    and no weight decay, which would only pull them back to the drop-in."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    ttt = [p for name, p in named if ".ttt_" in name]
+    base = [p for name, p in named if ".ttt_" not in name]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in base if p.dim() >= 2], "weight_decay": cfg.weight_decay, "peak_lr": cfg.lr},
+        {"params": [p for p in base if p.dim() < 2], "weight_decay": 0.0, "peak_lr": cfg.lr},
+        {"params": ttt, "weight_decay": 0.0, "peak_lr": cfg.ttt_lr},
     ]
+    groups = [group for group in groups if group["params"]]
     kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
@@ -33,7 +40,8 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, cfg: OptimConfig) -> float:
-    lr = cfg.lr * lr_factor(step, total_steps, cfg)
+    """Set every group's lr for `step`; returns the base model's (the one the metrics report)."""
+    factor = lr_factor(step, total_steps, cfg)
     for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
+        group["lr"] = group["peak_lr"] * factor
+    return cfg.lr * factor
