@@ -26,7 +26,8 @@ decoder layers of which T are TTT layers; d x h the MLP; steady state (optimizer
 - activations: what autograd saves per decoder layer, from the code: RMSNorms keep an fp32 copy of
   their input, normalized values and output; Qwen3's per-head query/key norms the same; SDPA keeps
   queries, keys, values, output and fp32 log-sum-exp; the MLP its gate, activation, up and product
-  (h wide); a TTT layer its value targets (and NTP's shifted source, or the conv output of inplace).
+  (h wide); a TTT layer its value targets (and NTP's shifted source, or the conv output of inplace),
+  and with `ttt.write=normalized` its unit keys (h wide).
   Context parallelism: the all-gather attention holds the gathered K/V of the whole sequence per
   layer, and SDPA keeps a float copy of each 2048-query block mask (the last rank's, one document:
   its queries see every earlier key); Ulysses holds all S tokens for 1/P of the heads and masks all
@@ -274,10 +275,13 @@ def mlp_bytes(m: ModelFacts, st: Setup) -> int:
 
 
 def ttt_extra_bytes(m: ModelFacts, st: Setup) -> int:
-    """Per TTT layer: the value targets V, the method's intermediate target, and under CP the fp32
-    copy of Z that reads the incoming state (when Z is not fp32 already)."""
+    """Per TTT layer: the value targets V, the method's intermediate target, the normalized write's unit
+    keys (h wide) with their norm, its clamp and the read scale, and under CP the fp32 copy of Z that
+    reads the incoming state (when Z is not fp32 already)."""
     a, d = st.act_bytes, m.hidden
     per_token = a * d
+    if st.ttt.write == "normalized":
+        per_token += a * m.intermediate + 3 * a
     if st.ttt.method == "ntp":
         per_token += a * d + a  # the shifted source and its next-in-document mask
     elif st.ttt.method == "inplace" and st.ttt.proj:
