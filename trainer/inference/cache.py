@@ -13,6 +13,7 @@ Rows of a batch are documents that start together at position 0 (equal-length, u
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -93,8 +94,13 @@ class FastWeightState:
 
 def cache_kwargs(model, cache) -> dict:
     """`{name: cache}` for `model(...)`: transformers 5.24 renamed the forward's `past_key_values` to `cache`."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
+    return {_cache_parameter(type(model)): cache}
+
+
+@functools.cache
+def _cache_parameter(model_class) -> str:
+    """Looked up once per model class: decoding calls the model once per token."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 class TTTCache(DynamicCache):
