@@ -1,58 +1,61 @@
-"""Halo exchange along the sequence: rows a shard needs from its neighbours in the CP group.
+"""Halo exchange along the sequence: rows a piece needs from its neighbouring pieces.
 
-`halo_rows(x, group, before, after)` returns the last `before` rows of the previous rank and the
-first `after` rows of the next rank (dim 1), filled with `fill` where there is no such rank. It is
-differentiable: the gradient of a received row goes back to the rank that owns the row.
+`halo_rows(x, group, before, after)` takes a shard folded into piece rows (`parallel.pieces.fold`:
+(B * pieces per rank, L, ...)) and returns, per piece row, the last `before` rows of the previous piece
+of the sequence and the first `after` rows of the next one, filled with `fill` where there is no such
+piece. It is differentiable: the gradient of a received row goes back to the piece that owns the row.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from parallel.comm import exchange
+from parallel.comm import route
+from parallel.pieces import CPGroup, as_cp_group
 
 
 def halo_rows(x: torch.Tensor, group, before: int, after: int, fill: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    return _Halo.apply(x, group, before, after, fill)
+    return _Halo.apply(x, as_cp_group(group), before, after, fill)
 
 
-def _swap(group, to_next: torch.Tensor, to_prev: torch.Tensor, from_prev: torch.Tensor, from_next: torch.Tensor):
-    """Send `to_next` to rank+1 and `to_prev` to rank-1; receive `from_prev` and `from_next` in place."""
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
+def _swap(cp: CPGroup, to_next, to_prev, from_prev, from_next) -> None:
+    """Per local piece slot i (piece v), tensors (B, slots, rows, ...): send `to_next[:, i]` to piece v+1
+    and `to_prev[:, i]` to piece v-1; fill `from_prev[:, i]` from v-1 and `from_next[:, i]` from v+1."""
     send, recv = {}, {}
-    if rank + 1 < size:
-        if to_next.shape[1]:
-            send[rank + 1] = to_next
-        if from_next.shape[1]:
-            recv[rank + 1] = from_next
-    if rank > 0:
-        if to_prev.shape[1]:
-            send[rank - 1] = to_prev
-        if from_prev.shape[1]:
-            recv[rank - 1] = from_prev
-    exchange(group, send, recv, purpose="halo")
+    for i, piece in enumerate(cp.pieces()):
+        if piece + 1 < cp.count:
+            if to_next.shape[2]:
+                send[piece, piece + 1] = to_next[:, i]
+            if from_next.shape[2]:
+                recv[piece + 1, piece] = from_next[:, i]
+        if piece > 0:
+            if to_prev.shape[2]:
+                send[piece, piece - 1] = to_prev[:, i]
+            if from_prev.shape[2]:
+                recv[piece - 1, piece] = from_prev[:, i]
+    route(cp, send, recv, purpose="halo")
 
 
 class _Halo(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, before, after, fill):
-        from_prev = x.new_full((x.shape[0], before, *x.shape[2:]), fill)
-        from_next = x.new_full((x.shape[0], after, *x.shape[2:]), fill)
-        _swap(group, x[:, x.shape[1] - before :], x[:, :after], from_prev, from_next)
-        ctx.group, ctx.before, ctx.after, ctx.shape = group, before, after, x.shape
-        return from_prev, from_next
+    def forward(ctx, x, cp, before, after, fill):
+        pieces = x.reshape(-1, cp.per_rank, *x.shape[1:])
+        from_prev = x.new_full((*pieces.shape[:2], before, *x.shape[2:]), fill)
+        from_next = x.new_full((*pieces.shape[:2], after, *x.shape[2:]), fill)
+        _swap(cp, pieces[:, :, x.shape[1] - before :], pieces[:, :, :after], from_prev, from_next)
+        ctx.cp, ctx.before, ctx.after, ctx.shape = cp, before, after, pieces.shape
+        return from_prev.flatten(0, 1), from_next.flatten(0, 1)
 
     @staticmethod
     def backward(ctx, grad_prev, grad_next):
-        # Reverse roles: the gradient of rows we got from rank-1 goes back to rank-1's last rows.
-        grad_x = grad_prev.new_zeros(ctx.shape)
-        back_from_next = grad_prev.new_zeros((ctx.shape[0], ctx.before, *ctx.shape[2:]))
-        back_from_prev = grad_prev.new_zeros((ctx.shape[0], ctx.after, *ctx.shape[2:]))
-        _swap(ctx.group, grad_next, grad_prev, back_from_prev, back_from_next)
-        rank, size = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
-        if rank + 1 < size and ctx.before:
-            grad_x[:, ctx.shape[1] - ctx.before :] += back_from_next
-        if rank > 0 and ctx.after:
-            grad_x[:, : ctx.after] += back_from_prev
-        return grad_x, None, None, None, None
+        # Reverse roles: the gradient of rows we got from piece v-1 goes back to v-1's last rows.
+        shape, before, after = ctx.shape, ctx.before, ctx.after
+        grad_prev = grad_prev.reshape(*shape[:2], before, *shape[3:])
+        grad_next = grad_next.reshape(*shape[:2], after, *shape[3:])
+        back_from_next = grad_prev.new_zeros((*shape[:2], before, *shape[3:]))
+        back_from_prev = grad_prev.new_zeros((*shape[:2], after, *shape[3:]))
+        _swap(ctx.cp, grad_next, grad_prev, back_from_prev, back_from_next)
+        grad_x = grad_prev.new_zeros(shape)
+        grad_x[:, :, shape[2] - before :] += back_from_next
+        grad_x[:, :, :after] += back_from_prev
+        return grad_x.flatten(0, 1), None, None, None, None

@@ -6,16 +6,31 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from parallel.pieces import pieces_per_rank
 
-def check_cp(world_size: int, cp: int, seq_len: int | None = None, chunk_size: int | None = None) -> None:
+
+def check_cp(
+    world_size: int,
+    cp: int,
+    seq_len: int | None = None,
+    chunk_size: int | None = None,
+    load_balance: str = "contiguous",
+) -> None:
     """One-line ValueErrors for a CP degree that does not fit the job."""
     if not isinstance(cp, int) or cp < 1:
         raise ValueError(f"parallel.cp must be a positive integer, got {cp!r}")
     if world_size % cp:
         raise ValueError(f"parallel.cp={cp} does not divide the world size {world_size}")
-    if seq_len is not None and chunk_size is not None and seq_len % (cp * chunk_size):
+    if seq_len is None or chunk_size is None:
+        return
+    if seq_len % (cp * chunk_size):
         raise ValueError(
             f"data.seq_len={seq_len} must be a multiple of parallel.cp x ttt.chunk_size = {cp} x {chunk_size}"
+        )
+    if cp > 1 and seq_len % (pieces_per_rank(load_balance) * cp * chunk_size):
+        raise ValueError(
+            f"parallel.load_balance={load_balance} needs data.seq_len={seq_len} to be a multiple of "
+            f"2 x parallel.cp x ttt.chunk_size = 2 x {cp} x {chunk_size}"
         )
 
 

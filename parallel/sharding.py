@@ -1,4 +1,5 @@
-"""Split one batch of long sequences into contiguous per-rank shards of a CP group.
+"""Split one batch of long sequences into per-rank shards of a CP group (`parallel.pieces` says which
+pieces of the sequence each rank holds: contiguous, or head and tail).
 
 Labels are shifted *before* sharding, so the last token of a shard still predicts the first token of
 the next one; position ids stay global (positions inside each document), so document starts and
@@ -8,6 +9,8 @@ chunk boundaries are found the same way on every rank.
 from __future__ import annotations
 
 import torch
+
+from parallel.pieces import pieces_of, pieces_per_rank
 
 IGNORE_INDEX = -100
 
@@ -28,18 +31,33 @@ def next_token_labels(input_ids: torch.Tensor, position_ids: torch.Tensor) -> to
     return labels
 
 
-def shard(tensor: torch.Tensor, cp_rank: int, cp_size: int, dim: int = 1) -> torch.Tensor:
-    """The contiguous `cp_rank`-th of `cp_size` equal slices along `dim`."""
+def shard(tensor: torch.Tensor, cp_rank: int, cp_size: int, dim: int = 1, load_balance: str = "contiguous"):
+    """This rank's pieces of `tensor` along `dim`, concatenated in shard order."""
     length = tensor.shape[dim]
-    if length % cp_size:
-        raise ValueError(f"sequence length {length} is not divisible by parallel.cp={cp_size}")
-    size = length // cp_size
-    return tensor.narrow(dim, cp_rank * size, size)
+    count = cp_size * pieces_per_rank(load_balance)
+    if length % count:
+        raise ValueError(f"sequence length {length} is not divisible into {count} pieces (parallel.cp={cp_size})")
+    size = length // count
+    parts = [tensor.narrow(dim, piece * size, size) for piece in pieces_of(cp_rank, cp_size, load_balance)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def shard_batch(batch: dict[str, torch.Tensor], cp_rank: int, cp_size: int) -> dict[str, torch.Tensor]:
+def unshard(shards: list[torch.Tensor], load_balance: str = "contiguous", dim: int = 1) -> torch.Tensor:
+    """The whole sequence from every rank's shard (rank order): the inverse of `shard`."""
+    cp_size, per_rank = len(shards), pieces_per_rank(load_balance)
+    pieces = {}
+    for rank, part in enumerate(shards):
+        chunks = part.chunk(per_rank, dim=dim)
+        pieces.update(zip(pieces_of(rank, cp_size, load_balance), chunks))
+    return torch.cat([pieces[i] for i in range(len(pieces))], dim=dim)
+
+
+def shard_batch(
+    batch: dict[str, torch.Tensor], cp_rank: int, cp_size: int, load_balance: str = "contiguous"
+) -> dict[str, torch.Tensor]:
     """Shard every (B, S, ...) tensor of a batch that already holds `labels` and `position_ids`."""
+    rows = batch["input_ids"].shape[0]
     return {
-        key: shard(value.expand(batch["input_ids"].shape[0], -1) if key == "position_ids" else value, cp_rank, cp_size)
+        key: shard(value.expand(rows, -1) if key == "position_ids" else value, cp_rank, cp_size, 1, load_balance)
         for key, value in batch.items()
     }

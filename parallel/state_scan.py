@@ -1,15 +1,17 @@
-"""Exclusive, document-aware prefix scan of fast-weight states across the ranks of a CP group.
+"""Exclusive, document-aware prefix scan of fast-weight states over the pieces of a CP group.
 
-Each rank summarises its shard as a *transfer*: the (committed, pending) state its shard leaves
-behind when started from zero, and whether a document starts inside the shard (then the incoming
-state is dropped). Applied to an incoming state (D, P), a shard leaves
+The sequence is cut into pieces (`parallel.pieces`: one per rank, or head and tail: two per rank),
+scanned in sequence order. Each piece is summarised as a *transfer*: the (committed, pending) state
+it leaves behind when started from zero, and whether a document starts inside it (then the incoming
+state is dropped). Applied to an incoming state (D, P), a piece leaves
 
     (D_loc, P_loc)                 if a document starts in it,
     (D + P + D_loc, P_loc)         otherwise (the incoming open chunk closes inside the shard),
 
-which composes associatively, so the state entering every rank comes out of a Hillis-Steele scan in
-ceil(log2 P) rounds of point-to-point messages. The backward is the adjoint: a reverse (suffix) scan
-of the same shape over the output gradients.
+which composes associatively, so the state entering every piece comes out of a Hillis-Steele scan
+over the N pieces in ceil(log2 N) rounds (N = P contiguous, 2P head-tail), each round one message per
+peer carrying the transfers of all this rank's pieces that go there. The backward is the adjoint: a
+reverse (suffix) scan of the same shape over the output gradients.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
-from parallel.comm import LEDGER, exchange
+from parallel.comm import LEDGER, route
+from parallel.pieces import CPGroup, as_cp_group
 
 # An element is (flag (B,), pair (B, 2, d, h)); `combine(lower_ranks, higher_ranks)` is associative.
 Element = tuple[torch.Tensor, torch.Tensor]
@@ -45,30 +47,36 @@ def _adjoint_after(near: Element, far: Element) -> Element:
     return c_n * c_f, a_n + scaled
 
 
-def _exclusive_scan(element: Element, combine: Callable, group, reverse: bool) -> Element | None:
-    """Combine the elements of all lower ranks (or all higher ranks if `reverse`); None on the end rank."""
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
-    inclusive, exclusive = element, None
-    for step in range(scan_rounds(size)):
-        distance = 2**step
-        dst, src = (rank - distance, rank + distance) if reverse else (rank + distance, rank - distance)
-        flag, pair = inclusive
-        send = {dst: torch.cat([flag.to(pair.dtype)[:, None], pair.flatten(1)], dim=1)} if 0 <= dst < size else {}
-        recv = {src: torch.empty_like(send.get(dst, _packed_like(flag, pair)))} if 0 <= src < size else {}
-        exchange(group, send, recv, purpose="fastweight_scan")
+def _exclusive_scan(elements: list[Element], combine: Callable, cp: CPGroup, reverse: bool) -> list[Element | None]:
+    """Per local piece, combine the elements of all earlier pieces (all later ones if `reverse`); None
+    for the end piece."""
+    pieces = cp.pieces()
+    inclusive, exclusive = list(elements), [None] * len(pieces)
+    for step in range(scan_rounds(cp.count)):
+        distance = -(2**step) if reverse else 2**step
+        send, recv = {}, {}
+        for i, piece in enumerate(pieces):
+            flag, pair = inclusive[i]
+            if 0 <= piece + distance < cp.count:
+                send[piece, piece + distance] = torch.cat([flag.to(pair.dtype)[:, None], pair.flatten(1)], dim=1)
+            if 0 <= piece - distance < cp.count:
+                recv[piece - distance, piece] = _packed_like(pair)
+        route(cp, send, recv, purpose="fastweight_scan")
         LEDGER.rounds["fastweight_scan"] += 1
-        if recv:
-            got = _unpack(recv[src], flag, pair)
+        for i, piece in enumerate(pieces):
+            if (piece - distance, piece) not in recv:
+                continue
+            got = _unpack(recv[piece - distance, piece], *inclusive[i])
             if reverse:
-                inclusive = combine(inclusive, got)
-                exclusive = got if exclusive is None else combine(exclusive, got)
+                inclusive[i] = combine(inclusive[i], got)
+                exclusive[i] = got if exclusive[i] is None else combine(exclusive[i], got)
             else:
-                inclusive = combine(got, inclusive)
-                exclusive = got if exclusive is None else combine(got, exclusive)
+                inclusive[i] = combine(got, inclusive[i])
+                exclusive[i] = got if exclusive[i] is None else combine(got, exclusive[i])
     return exclusive
 
 
-def _packed_like(flag, pair):
+def _packed_like(pair):
     return torch.empty(pair.shape[0], 1 + pair[0].numel(), dtype=pair.dtype, device=pair.device)
 
 
@@ -76,37 +84,48 @@ def _unpack(packed: torch.Tensor, flag: torch.Tensor, pair: torch.Tensor) -> Ele
     return packed[:, 0].to(flag.dtype), packed[:, 1:].reshape(pair.shape)
 
 
+def _by_piece(tensor: torch.Tensor, cp: CPGroup) -> list[torch.Tensor]:
+    """(B n, ...) piece rows -> one (B, ...) tensor per local piece."""
+    folded = tensor.reshape(-1, cp.per_rank, *tensor.shape[1:])
+    return [folded[:, i] for i in range(cp.per_rank)]
+
+
+def _piece_rows(parts: list[Element | None], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (committed, pending) pairs of each local piece back in piece-row order; zero for None."""
+    pairs = [torch.zeros_like(like) if part is None else part[1] for part in parts]
+    stacked = torch.stack(pairs, dim=1).flatten(0, 1)  # (B n, 2, d, h)
+    return stacked[:, 0].clone(), stacked[:, 1].clone()
+
+
 class _StateScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, committed, pending, resets, group):
-        pair = torch.stack([committed, pending], dim=1)
-        incoming = _exclusive_scan((resets, pair), _after, group, reverse=False)
-        ctx.group = group
+    def forward(ctx, committed, pending, resets, cp):
+        pairs = _by_piece(torch.stack([committed, pending], dim=1), cp)
+        incoming = _exclusive_scan(list(zip(_by_piece(resets, cp), pairs)), _after, cp, reverse=False)
+        ctx.cp = cp
         ctx.save_for_backward(resets)
-        if incoming is None:  # rank 0 starts from zero
-            return torch.zeros_like(committed), torch.zeros_like(pending)
-        return incoming[1][:, 0].clone(), incoming[1][:, 1].clone()
+        return _piece_rows(incoming, pairs[0])  # the first piece starts from zero
 
     @staticmethod
     def backward(ctx, grad_committed, grad_pending):
         (resets,) = ctx.saved_tensors
-        keep = (~resets).to(grad_committed.dtype)
-        adjoint = (keep, torch.stack([grad_committed, grad_pending], dim=1))
-        outgoing = _exclusive_scan(adjoint, _adjoint_after, ctx.group, reverse=True)
-        if outgoing is None:  # the last rank's state feeds no one
-            return torch.zeros_like(grad_committed), torch.zeros_like(grad_pending), None, None
-        return outgoing[1][:, 0].clone(), outgoing[1][:, 1].clone(), None, None
+        cp = ctx.cp
+        keep = _by_piece((~resets).to(grad_committed.dtype), cp)
+        grads = _by_piece(torch.stack([grad_committed, grad_pending], dim=1), cp)
+        outgoing = _exclusive_scan(list(zip(keep, grads)), _adjoint_after, cp, reverse=True)
+        return (*_piece_rows(outgoing, grads[0]), None, None)  # the last piece's state feeds no one
 
 
 def exclusive_state_scan(
     committed: torch.Tensor, pending: torch.Tensor, resets: torch.Tensor, group
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (committed, pending) state entering this rank's shard, from every rank's transfer.
+    """The (committed, pending) state entering each of this rank's pieces, from every piece's transfer.
 
-    committed, pending: (B, d, h) this shard's state started from zero; resets: (B,) bool, a document
-    starts in this shard.
+    committed, pending: (B n, d, h) each piece row's state started from zero (`parallel.pieces.fold`:
+    n pieces per rank); resets: (B n,) bool, a document starts in the piece. `group`: a `CPGroup` or a
+    process group (contiguous shards).
     """
-    return _StateScan.apply(committed, pending, resets, group)
+    return _StateScan.apply(committed, pending, resets, as_cp_group(group))
 
 
 def naive_state_scan(transfers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):

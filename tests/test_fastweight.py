@@ -8,9 +8,9 @@ import torch
 from trainer.ttt.fastweight import (
     chunk_scan,
     clip_delta,
+    gated_mean,
     naive_fastweight,
     naive_normalized_fastweight,
-    read_scale,
     write_keys,
 )
 from trainer.ttt.layout import build_layout, document_position_ids
@@ -39,33 +39,64 @@ def test_scan_equals_prefix_sum(lengths, chunk):
     torch.testing.assert_close(out, naive_fastweight(z, v, pos, chunk, lr=0.7), rtol=1e-12, atol=1e-12)
 
 
-def normalized_scan(z, v, pos, chunk, lr):
-    """The normalized write as the MLP runs it: unit keys through the chunk scan, the read scaled per chunk."""
+def normalized_scan(z, v, pos, chunk, lr, gates=None):
+    """The normalized write as the MLP runs it: unit keys, gated values and the gate mass through the chunk
+    scan, the read divided by the mass."""
     layout = build_layout(pos, chunk, batch_size=z.shape[0])
-    out, _ = chunk_scan(write_keys(z, "normalized"), v, layout, lr)
-    return out * read_scale(layout.position_ids, chunk, "normalized", out.dtype)
+    gates = torch.full_like(z[..., :1], 0.5) if gates is None else gates
+    out, _ = chunk_scan(write_keys(z, "normalized"), gates * v, layout, lr)
+    mass, _ = chunk_scan(torch.ones_like(gates), gates, layout, 1.0)
+    return gated_mean(out, mass)
 
 
 @pytest.mark.parametrize("lengths,chunk", [((16,), 4), ((3, 9, 1, 10), 4), ((7, 12, 5), 5), ((33,), 1)])
 def test_normalized_scan_equals_the_token_pair_sum(lengths, chunk):
     pos = packed_positions(*lengths)
     z, v = random_inputs(2, pos.shape[1], requires_grad=True)
-    out = normalized_scan(z, v, pos, chunk, 0.7)
-    want = naive_normalized_fastweight(z, v, pos, chunk, 0.7)
+    gates = torch.rand(2, pos.shape[1], 1, dtype=torch.float64, requires_grad=True)
+    out = normalized_scan(z, v, pos, chunk, 0.7, gates)
+    want = naive_normalized_fastweight(z, v, pos, chunk, 0.7, gates)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(out)
-    got_grads = torch.autograd.grad((out * grad).sum(), (z, v))
-    want_grads = torch.autograd.grad((want * grad).sum(), (z, v))
+    got_grads = torch.autograd.grad((out * grad).sum(), (z, v, gates))
+    want_grads = torch.autograd.grad((want * grad).sum(), (z, v, gates))
     for got, expected in zip(got_grads, want_grads):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_equal_gates_read_the_plain_mean_of_earlier_chunks():
+    pos = packed_positions(5, 14)
+    z, v = random_inputs(1, pos.shape[1])
+    out = normalized_scan(z, v, pos, 4, 1.0)  # the drop-in gates: all 1/2
+    keys = write_keys(z, "normalized")
+    t, first = 16, 5  # token 11 of the second document (chunk 2) reads its positions 0-7
+    want = sum((keys[0, t] @ keys[0, s]) * v[0, s] for s in range(first, first + 8)) / 8
+    torch.testing.assert_close(out[0, t], want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, naive_normalized_fastweight(z, v, pos, 4, 1.0), rtol=1e-12, atol=1e-12)
+
+
+def test_a_gated_write_is_not_diluted_by_the_tokens_around_it():
+    """One association among 1,000 tokens: the plain mean reads it at 1/1000 of its value, a gate open only
+    there reads it whole."""
+    n, chunk = 1024, 8
+    pos = packed_positions(n)
+    z, v = random_inputs(1, n)
+    z[0, -1] = z[0, 3]  # the last token queries the key written at position 3
+    gates = torch.full((1, n, 1), 1e-9, dtype=torch.float64)
+    gates[0, 3] = 1.0
+    plain = normalized_scan(z, v, pos, chunk, 1.0)[0, -1]
+    gated = normalized_scan(z, v, pos, chunk, 1.0, gates)[0, -1]
+    torch.testing.assert_close(gated, v[0, 3], rtol=1e-5, atol=1e-5)
+    assert (plain - v[0, 3]).norm() > 0.9 * v[0, 3].norm()
 
 
 def test_normalized_read_ignores_the_activation_scale_and_is_bounded_at_any_length():
     pos = packed_positions(64)
     z, v = random_inputs(1, 64)
     z[:, 0] *= 1e4  # an attention-sink token with massive activations
-    out = normalized_scan(z, v, pos, 4, 1.0)
-    torch.testing.assert_close(normalized_scan(1e3 * z, v, pos, 4, 1.0), out, rtol=1e-10, atol=1e-12)
+    gates = torch.rand(1, 64, 1, dtype=torch.float64)
+    out = normalized_scan(z, v, pos, 4, 1.0, gates)
+    torch.testing.assert_close(normalized_scan(1e3 * z, v, pos, 4, 1.0, gates), out, rtol=1e-10, atol=1e-12)
     assert out.norm(dim=-1).max() <= v.norm(dim=-1).max()  # a weighted mean with weights in [-1, 1]
     raw, _ = chunk_scan(z, v, build_layout(pos, 4), 1.0)
     assert raw.norm(dim=-1).max() > 1e3 * v.norm(dim=-1).max()  # the raw write's gain: the sink dominates

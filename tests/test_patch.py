@@ -24,14 +24,16 @@ METHOD_CONFIGS = {
 
 def design_formula(mlp: FastWeightMLP, x: torch.Tensor, source: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """O_c = Z_c (W_0 + sum_{c' < c} dW_c')^T, with the targets of DESIGN.md, one document at a time (the raw
-    write; the normalized one reads the mean over earlier tokens with unit-norm keys)."""
+    write; the normalized one reads the gate-weighted mean over earlier tokens with unit-norm keys)."""
     cfg = mlp.cfg
     z = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
     conv = mlp.ttt_conv.weight if cfg.method == "inplace" else None
     proj = mlp.ttt_proj.weight if cfg.proj else None
     values = naive_value_targets(cfg.method, source, pos, cfg.chunk_size, conv, proj)
-    fast = naive_fastweight if cfg.write == "raw" else naive_normalized_fastweight
-    return mlp.down_proj(z) + fast(z, values, pos, cfg.chunk_size, cfg.lr)
+    if cfg.write == "raw":
+        return mlp.down_proj(z) + naive_fastweight(z, values, pos, cfg.chunk_size, cfg.lr)
+    gates = torch.sigmoid(mlp.ttt_gate(x))
+    return mlp.down_proj(z) + naive_normalized_fastweight(z, values, pos, cfg.chunk_size, cfg.lr, gates)
 
 
 @pytest.mark.parametrize("write", ["raw", "normalized"])
@@ -56,6 +58,7 @@ def test_mlp_gradients_fp64(write):
         param.data = param.data[..., :4] if param.dim() == 1 else param.data
     x = torch.randn(1, 8, 24, dtype=torch.float64, requires_grad=True)
     params = [mlp.ttt_proj.weight, mlp.down_proj.weight, mlp.gate_proj.weight]
+    params += [mlp.ttt_gate.weight, mlp.ttt_gate.bias] if write == "normalized" else []
     assert torch.autograd.gradcheck(lambda x, *p: mlp(x), (x, *params))
 
 
@@ -107,7 +110,7 @@ def test_checkpoint_keys_of_the_base_model_load_unchanged():
     patched = patch_model(tiny_qwen3(), TTTConfig(method="inplace"))
     missing, unexpected = patched.load_state_dict(state, strict=False)
     assert unexpected == []
-    assert missing and all(".ttt_conv." in k or ".ttt_proj." in k for k in missing)
+    assert missing and all(".ttt_" in k for k in missing)
     assert "model.layers.0.mlp.ttt_proj.weight" in patched.state_dict()
     assert "model.layers.0.mlp.ttt_conv.weight" in patched.state_dict()
 

@@ -110,9 +110,9 @@ def _saved_bytes(job, rank: int = 0, ranks: int = 1) -> int:
     parameters excluded."""
     model = build_model(job.model, job.ttt, torch.device("cpu"), job.seed)
     if ranks > 1:
-        apply_cp(model, dist.group.WORLD, job.parallel.attention)
+        apply_cp(model, dist.group.WORLD, job.parallel.attention, job.parallel.load_balance)
     batch = build_dataset(job.data.name, job.data.seq_len, model.config.vocab_size, job.seed, job.data.options)[0]
-    local = shard_batch(batch, rank, ranks)
+    local = shard_batch(batch, rank, ranks, job.parallel.load_balance)
     storages: dict[int, int] = {}
 
     def pack(tensor):
@@ -143,14 +143,17 @@ def _saved_on_rank(rank: int, ranks: int, overrides: list[str], out_dir: Path) -
     Path(out_dir, f"rank{rank}").write_text(str(_saved_bytes(_job(*overrides), rank, ranks)))
 
 
-def test_saved_activations_under_context_parallelism(tmp_path):
-    """CP=2, all-gather attention: the gathered K/V, the block masks and the incoming fast-weight
-    states; the planner counts the last rank, whose queries see the most keys."""
-    overrides = ["parallel.cp=2", "data.seq_len=4096"]
+@pytest.mark.parametrize("load_balance, tolerance", [("contiguous", 1e-3), ("headtail", 1e-2)])
+def test_saved_activations_under_context_parallelism(tmp_path, load_balance, tolerance):
+    """CP=2, all-gather attention: the keys each segment reads, the CPU band masks and the incoming
+    fast-weight states; the planner counts the rank that holds the most (contiguous: the last one,
+    whose queries see every key). Head-tail leaves 0.4% unplanned: slices of Z the fast-weight read
+    saves, whose storage spans both piece rows."""
+    overrides = ["parallel.cp=2", "data.seq_len=4096", f"parallel.load_balance={load_balance}"]
     run_ranks(_saved_on_rank, 2, tmp_path, overrides, tmp_path)
     saved = [int(Path(tmp_path, f"rank{rank}").read_text()) for rank in range(2)]
     planned = _planned_saved(_job(*overrides), gpus=2)
-    assert saved[0] < saved[1] and abs(planned - saved[1]) <= 1e-3 * saved[1], (saved, planned)
+    assert saved[0] < saved[1] and abs(planned - saved[1]) <= tolerance * saved[1], (saved, planned)
 
 
 def _qwen3_8b_at_128k(gpus: int = 8):

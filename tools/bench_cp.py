@@ -68,9 +68,12 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from parallel.comm import LEDGER
 from parallel.context_parallel import apply_cp
 from parallel.mesh import check_cp
+from parallel.pieces import pieces_of
+from parallel.segments import piece_plan
 from parallel.sharding import IGNORE_INDEX, next_token_labels, shard_batch
 from parallel.state_scan import scan_rounds
 from tools.benchutil import MIB, OneLineErrorParser, peak_bytes, positive_int
+from tools.plan_memory import kept_key_tokens
 from trainer.ttt import TTTConfig, patch_model
 
 DEFAULT_SEQ_LEN = 4096
@@ -468,6 +471,82 @@ PROJECTION_CAPTION = (
 )
 
 
+# --- part three: attention balance (segment plans, no processes) -----------------------------------
+
+BALANCE_SEQ_LEN = 131072
+BALANCE_RANKS = (2, 4, 8)
+BALANCE_MODEL = "8B"  # K/V bytes per token of the memory column
+BALANCE_LIMIT = 1.05  # acceptance: max / mean attention work per rank with headtail at P = 4 and 8
+
+
+def packed_document_lengths(seq_len: int, seed: int = 0) -> list[int]:
+    """A packed batch row: document lengths from a log-normal mix (median 2k tokens, heavy tail capped at
+    32k), the last one cut to fill the row exactly."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < seq_len:
+        length = int(torch.empty(1).log_normal_(mean=7.6, std=1.2, generator=generator).clamp(64, 32768))
+        lengths.append(min(length, seq_len - sum(lengths)))
+    return lengths
+
+
+@dataclass(frozen=True)
+class Balance:
+    load_balance: str
+    ranks: int
+    pairs: list[int]  # attended query-key pairs per rank
+    kv_bytes: list[int]  # K/V the varlen kernel keeps per rank and layer (bf16)
+
+    @property
+    def imbalance(self) -> float:
+        return max(self.pairs) / statistics.mean(self.pairs)
+
+
+def attention_balance(lengths: list[int], load_balance: str, ranks: int) -> Balance:
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    buffer = [piece for rank in range(ranks) for piece in pieces_of(rank, ranks, load_balance)]
+    plans = [piece_plan(positions, list(pieces_of(rank, ranks, load_balance)), buffer) for rank in range(ranks)]
+    arch = QWEN3[BALANCE_MODEL]
+    per_token = 2 * arch.kv_heads * arch.head_dim * PROJECTION_ACTIVATION_BYTES
+    kept = [kept_key_tokens(plan, len(positions[0]), cuda=True) for plan in plans]
+    return Balance(load_balance, ranks, [p.attended_pairs for p in plans], [per_token * n for n in kept])
+
+
+def balances(lengths: list[int]) -> list[Balance]:
+    return [attention_balance(lengths, lb, p) for p in BALANCE_RANKS for lb in ("contiguous", "headtail")]
+
+
+def _balance_table(rows: list[Balance]) -> str:
+    header = ["P", "load balance", "attended pairs/rank max (1e9)", "mean (1e9)", "max / mean",
+              f"kept K/V MiB/rank/layer ({BALANCE_MODEL}) max", "min"]  # fmt: skip
+    cells = [
+        [b.ranks, b.load_balance, f"{max(b.pairs) / 1e9:.2f}", f"{statistics.mean(b.pairs) / 1e9:.2f}",
+         f"{b.imbalance:.3f}", f"{max(b.kv_bytes) / MIB:.0f}", f"{min(b.kv_bytes) / MIB:.0f}"]
+        for b in rows
+    ]  # fmt: skip
+    return _markdown(header, cells)
+
+
+def _balance_caption(lengths: list[int]) -> str:
+    return (
+        f"Attention work per rank of the all-gather attention's segment plans (no processes): one packed row of "
+        f"S={sum(lengths)} tokens, {len(lengths)} documents (log-normal lengths, median "
+        f"{int(statistics.median(lengths))}, longest {max(lengths)}); attended pairs = causal query-key pairs "
+        f"inside documents; kept K/V = the keys and values the varlen kernel reads for the rank's pieces, "
+        f"Qwen3-{BALANCE_MODEL} bf16, per layer."
+    )
+
+
+def _balance_acceptance(rows: list[Balance]) -> str:
+    checked = [b for b in rows if b.load_balance == "headtail" and b.ranks in (4, 8)]
+    ok = all(b.imbalance <= BALANCE_LIMIT for b in checked)
+    worst = max(b.imbalance for b in checked)
+    return (
+        f"acceptance: headtail max/mean attention work at P=4 and 8 is at most {worst:.3f} (<= {BALANCE_LIMIT}): "
+        + ("ok" if ok else "FAIL")
+    )
+
+
 # --- command line ----------------------------------------------------------------------------------
 
 
@@ -481,6 +560,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=positive_int, help=f"timed steps (default {DEFAULT_REPEATS})")
     parser.add_argument("--quick", action="store_true", help=f"S={QUICK_SEQ_LEN}, fewer repeats")
     parser.add_argument("--json", action="store_true", help="rows as JSON instead of tables")
+    parser.add_argument("--balance", action="store_true", help="only the attention-balance table (seconds)")
     args = parser.parse_args(argv)
     if args.quick and args.seq_len:
         parser.error("--quick picks its own sequence length; drop --seq-len")
@@ -521,6 +601,13 @@ def _json_report(rows: list[Row], checks: list[tuple[bool, str]], ratio: float |
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
+    lengths = packed_document_lengths(BALANCE_SEQ_LEN)
+    if args.balance:
+        print(_balance_caption(lengths))
+        print()
+        print(_balance_table(balances(lengths)))
+        print(_balance_acceptance(balances(lengths)))
+        return
     settings = Settings(args.seq_len, args.chunk_size, args.repeats)
     rows = [_measure_row(ranks, settings) for ranks in args.ranks]
     checks = [_model_check(row, settings.seq_len) for row in rows]
@@ -540,6 +627,12 @@ def main(argv: list[str] | None = None) -> None:
     print(PROJECTION_CAPTION)
     print()
     print(_projection_table(projections()))
+    print()
+    rows_balance = balances(lengths)
+    print(_balance_caption(lengths))
+    print()
+    print(_balance_table(rows_balance))
+    print(_balance_acceptance(rows_balance))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 from tools.benchutil import OneLineErrorParser
 from trainer.config import ConfigError, job_config
+from trainer.dcp_reader import CheckpointReader
 from trainer.hf_format import save_ttt_model
 from trainer.model import DTYPES, build_model
 
@@ -34,7 +35,7 @@ def load_trained_model(checkpoint: Path, config: Path):
     job = job_config(OmegaConf.load(config))
     model = build_model(job.model, job.ttt, torch.device("cpu"), job.seed)
     state = get_model_state_dict(model)
-    dcp.load({"model": state}, checkpoint_id=checkpoint, no_dist=True)
+    dcp.load({"model": state}, storage_reader=CheckpointReader(checkpoint), no_dist=True)
     set_model_state_dict(model, state)
     return model.eval()
 

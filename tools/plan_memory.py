@@ -28,10 +28,15 @@ decoder layers of which T are TTT layers; d x h the MLP; steady state (optimizer
   queries, keys, values, output and fp32 log-sum-exp; the MLP its gate, activation, up and product
   (h wide); a TTT layer its value targets (and NTP's shifted source, or the conv output of inplace),
   and with `ttt.write=normalized` its unit keys (h wide).
-  Context parallelism: the all-gather attention holds the gathered K/V of the whole sequence per
-  layer, and SDPA keeps a float copy of each 2048-query block mask (the last rank's, one document:
-  its queries see every earlier key); Ulysses holds all S tokens for 1/P of the heads and masks all
-  S queries. With P = 1 the loop runs transformers' causal SDPA: no mask (one document per sequence).
+  Context parallelism (`parallel.load_balance`: rank r holds piece r, or pieces r and 2P-1-r of 2P):
+  the all-gather attention runs a segment plan (`parallel.segments`, one document per sequence: each
+  local piece attends the keys from the sequence start to its end) and keeps the keys it packs for
+  its pieces (a view of the gathered K/V when they form one run, a copy otherwise); on CUDA one varlen
+  flash call keeps its token-major queries, output and log-sum-exp and two int32 cu_seqlens per
+  segment: no mask of any size. On CPU, SDPA keeps a float band mask per 2048-query block of each
+  segment whose keys start before its queries. Ulysses holds all S tokens for 1/P of the heads, in
+  sequence order: one causal segment, no mask. The planned rank is the one holding the most.
+  With P = 1 the loop runs transformers' causal SDPA: no mask (one document per sequence).
   `train.activation_checkpointing` keeps only the inputs of the layers it recomputes (every
   `train.checkpoint_every_n_layers`-th) and rebuilds one of them at a time in the backward.
 - fast-weight states: (committed, pending) pairs of d x h fp32 per sequence. The chunk scan's backward
@@ -50,6 +55,7 @@ each row holds at the peak and its own largest value over the step.
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import math
 import sys
@@ -61,8 +67,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from parallel.attention import QUERY_BLOCK
 from parallel.mesh import check_cp
+from parallel.pieces import pieces_of
+from parallel.segments import QUERY_BLOCK, SegmentPlan, piece_plan
 from tools.benchutil import OneLineErrorParser, positive_int
 from trainer.config import JobConfig, job_config
 from trainer.loss import linear_cross_entropy
@@ -169,6 +176,7 @@ class Setup:
     checkpointing: bool
     checkpoint_every: int  # transformers recomputes the layers whose index is a multiple of it
     attention: str
+    load_balance: str  # parallel.load_balance: which pieces of the sequence a CP rank holds
     model_dtype: str  # model.dtype: what weights compute in
     device: str
     act_bytes: int
@@ -216,6 +224,7 @@ def setup_of(job: JobConfig, gpus: int, device: str) -> Setup:
         checkpointing=job.train.activation_checkpointing,
         checkpoint_every=job.train.checkpoint_every_n_layers,
         attention=par.attention,
+        load_balance=par.load_balance,
         model_dtype=job.model.dtype,
         device=device,
         act_bytes=torch.bfloat16.itemsize if cuda else param_bytes,
@@ -233,18 +242,36 @@ def _norm(width: int, a: int) -> int:
     return (NORM_BYTES + 2 * a) * width + NORM_BYTES
 
 
-def _mask_elements(q_start: int, queries: int) -> int:
-    """Query-key pairs of the block masks of `document_attention`, one document: each block of
-    QUERY_BLOCK queries sees every key up to its last query."""
+def _mask_elements(shift: int, queries: int) -> int:
+    """Query-key pairs of the CPU band masks of one segment whose keys start `shift` before its
+    queries: each block of QUERY_BLOCK queries sees every key up to its last query."""
+    if not shift:
+        return 0  # a square segment runs as causal SDPA, unmasked
     blocks = range(0, queries, QUERY_BLOCK)
-    return sum(min(QUERY_BLOCK, queries - i) * (q_start + min(i + QUERY_BLOCK, queries)) for i in blocks)
+    return sum(min(QUERY_BLOCK, queries - i) * (shift + min(i + QUERY_BLOCK, queries)) for i in blocks)
+
+
+@functools.lru_cache(maxsize=64)
+def _rank_plans(seq_len: int, cp: int, load_balance: str) -> tuple[SegmentPlan, ...]:
+    """The all-gather attention's segment plan of every rank, one document per sequence."""
+    positions = torch.arange(seq_len).unsqueeze(0)
+    buffer = [piece for rank in range(cp) for piece in pieces_of(rank, cp, load_balance)]
+    return tuple(piece_plan(positions, list(pieces_of(rank, cp, load_balance)), buffer) for rank in range(cp))
+
+
+def kept_key_tokens(plan: SegmentPlan, seq_len: int, cuda: bool) -> int:
+    """Key tokens the kernels keep. CUDA: the packed keys, a view of the whole gathered buffer when they
+    form one run; CPU: SDPA's own contiguous copy of each segment's keys."""
+    if not cuda:
+        return sum(s.k_hi - s.k_lo for s in plan.segments)
+    return seq_len if len(plan.key_runs) == 1 else sum(end - start for _, start, end in plan.key_runs)
 
 
 @dataclass(frozen=True)
 class Attention:
     saved: int  # what one layer's attention saves for the backward, the two below included
-    kv: int  # the keys and values SDPA attends to
-    mask: int  # float copies of the block masks
+    kv: int  # the keys and values the kernel attends to
+    mask: int  # CPU only: float copies of the segments' band masks
     backward: int  # gradients its backward adds while the saved tensors are still held
 
 
@@ -257,16 +284,28 @@ def attention_bytes(m: ModelFacts, st: Setup) -> Attention:
     if st.cp == 1:  # transformers' causal SDPA; its output is o_proj's input
         kv_bytes = 2 * a * kv * s
         return Attention(saved + kv_bytes + a * q * s, kv_bytes, 0, a * (q + 2 * kv) * s)
-    out = 2 * a * q * s  # the block outputs and their concatenation (o_proj's input)
-    if st.attention == "allgather":  # K/V of the whole sequence; the last rank's masks
-        kv_bytes = 2 * a * kv * st.batch * st.seq_len
-        mask = a * st.batch * _mask_elements(st.seq_len - st.seq_len // st.cp, st.seq_len // st.cp)
-        backward = a * q * s + 2 * kv_bytes  # the gathered K/V's gradients and their copy to reduce-scatter
-    else:  # Ulysses: all S tokens for 1/P of the heads, every query masked
-        kv_bytes = 2 * a * kv * s
-        mask = a * st.batch * _mask_elements(0, st.seq_len)
-        backward = a * (q + 2 * kv) * s
-    return Attention(saved + out + kv_bytes + mask, kv_bytes, mask, backward)
+    cuda = st.device == "cuda"
+    # CUDA: the varlen output is o_proj's input; CPU: the per-segment outputs and their concatenation.
+    out = (1 if cuda else 2) * a * q * s
+    if st.attention == "allgather":
+
+        def held(plan: SegmentPlan) -> tuple[int, int, int]:
+            kv_bytes = 2 * a * kv * st.batch * kept_key_tokens(plan, st.seq_len, cuda)
+            segments = plan.segments
+            workspace = 2 * 4 * (len(segments) + 1) * st.batch if cuda else 0  # int32 cu_seqlens
+            mask = (
+                0
+                if cuda
+                else sum(_mask_elements(s.k_hi - s.k_lo - (s.q_hi - s.q_lo), s.q_hi - s.q_lo) for s in segments)
+            )
+            return kv_bytes + workspace + a * st.batch * mask, kv_bytes, a * st.batch * mask
+
+        extra, kv_bytes, mask = max(held(plan) for plan in _rank_plans(st.seq_len, st.cp, st.load_balance))
+        gathered = 2 * a * kv * st.batch * st.seq_len
+        backward = a * q * s + kv_bytes + gathered  # gradients of the packed and of the gathered K/V
+        return Attention(saved + out + extra, kv_bytes, mask, backward)
+    kv_bytes = 2 * a * kv * s  # Ulysses: all S tokens for 1/P of the heads, one causal segment
+    return Attention(saved + out + kv_bytes, kv_bytes, 0, a * (q + 2 * kv) * s)
 
 
 def mlp_bytes(m: ModelFacts, st: Setup) -> int:
@@ -276,12 +315,14 @@ def mlp_bytes(m: ModelFacts, st: Setup) -> int:
 
 def ttt_extra_bytes(m: ModelFacts, st: Setup) -> int:
     """Per TTT layer: the value targets V, the method's intermediate target, the normalized write's unit
-    keys (h wide) with their norm, its clamp and the read scale, and under CP the fp32 copy of Z that
-    reads the incoming state (when Z is not fp32 already)."""
+    keys (h wide), its gated values g V and the gated sum it divides by the gate mass (d wide each), six
+    per-token scalars (the key norm, the gate's logit and value, the mass scan's unit key, the mass and its
+    clamp) and the division's bool mask, and under CP the fp32 copy of Z that reads the incoming state (when
+    Z is not fp32 already)."""
     a, d = st.act_bytes, m.hidden
     per_token = a * d
     if st.ttt.write == "normalized":
-        per_token += a * m.intermediate + 3 * a
+        per_token += a * m.intermediate + 2 * a * d + 6 * a + 1
     if st.ttt.method == "ntp":
         per_token += a * d + a  # the shifted source and its next-in-document mask
     elif st.ttt.method == "inplace" and st.ttt.proj:
@@ -439,7 +480,7 @@ def smallest_fitting_cp(m: ModelFacts, st: Setup, budget_bytes: int) -> Plan | N
     chunk = st.ttt.chunk_size if st.ttt.method != "none" else 1
     for cp in (2**k for k in range(st.gpus.bit_length())):
         try:
-            check_cp(st.gpus, cp, st.seq_len, chunk)
+            check_cp(st.gpus, cp, st.seq_len, chunk, st.load_balance)
         except ValueError:
             continue
         candidate = plan(m, replace(st, cp=cp))
@@ -471,8 +512,9 @@ def _row_notes(m: ModelFacts, result: Plan) -> dict[str, str]:
         "optimizer": "in CPU memory (parallel.offload)"
         if st.offload
         else f"{optimizer}, {spread if shard_optim else 'replicated'}",
-        "activations": f"{held}; K/V {_gib(act.attention.kv * kv_layers)}, masks "
-        f"{_gib(act.attention.mask * kv_layers)} GiB of it",
+        "activations": f"{held}; K/V {_gib(act.attention.kv * kv_layers)}"
+        + (f", CPU masks {_gib(act.attention.mask * kv_layers)}" if act.attention.mask else "")
+        + " GiB of it",
         "fast-weight states": f"{m.ttt_layers} TTT layers, pairs of {m.hidden} x {m.intermediate} fp32",
         "loss": "Triton: fp32 gradients of hidden states and head"
         if st.triton_loss
@@ -483,8 +525,9 @@ def _row_notes(m: ModelFacts, result: Plan) -> dict[str, str]:
 def _activation_lines(m: ModelFacts, act: Activations) -> list[str]:
     att = act.attention
     return [
-        f"activations per decoder layer (GiB): attention {_gib(att.saved)} (K/V {_gib(att.kv)}, masks "
-        f"{_gib(att.mask)}), MLP {_gib(act.mlp)}, TTT layer extra {_gib(act.ttt_extra)}; "
+        f"activations per decoder layer (GiB): attention {_gib(att.saved)} (K/V {_gib(att.kv)}"
+        + (f", CPU masks {_gib(att.mask)}" if att.mask else "")
+        + f"), MLP {_gib(act.mlp)}, TTT layer extra {_gib(act.ttt_extra)}; "
         f"held at the backward's start {_gib(act.saved)}, recomputed layer {_gib(act.recomputed)}, "
         f"gradients in flight {_gib(act.backward)}"
     ]

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from parallel.attention import KINDS as ATTENTION_KINDS
 from parallel.engine import ENGINES
+from parallel.pieces import LOAD_BALANCES
 from trainer.ttt import TTTConfig
 
 WANDB_MODES = ("online", "offline", "disabled")
 DTYPES = ("float32", "bfloat16", "float64")
+AUTO_EVAL_EVERY = 100  # eval.every=auto on a generated task with answers
 
 
 class ConfigError(ValueError):
@@ -40,6 +44,7 @@ class ParallelConfig:
     nproc_per_node: int  # processes this job launches itself when not started by torchrun
     engine: str
     attention: str
+    load_balance: str  # headtail (rank r holds pieces r and 2P-1-r of 2P) | contiguous
     zero_stage: int  # deepspeed only: 2 or 3
     offload: bool  # deepspeed only: optimizer states in CPU memory
 
@@ -92,10 +97,17 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: int  # optimizer steps between evaluations (and one at the end); 0 turns them off
+    every: int | None  # optimizer steps between evaluations (and one at the end); 0: off; None: auto
     samples: int  # held-out sequences per evaluation
     seed: int  # of the held-out sequences: the same for every run, so runs are scored alike
     distance_edges: tuple[int, ...]  # key -> answer distance buckets of the accuracy
+
+    def interval(self, has_answers: bool) -> int:
+        """Steps between evaluations: `every`, or for auto AUTO_EVAL_EVERY on a generated task with answers
+        (so the default job reports whether its fast weights recall) and off on other data."""
+        if self.every is None:
+            return AUTO_EVAL_EVERY if has_answers else 0
+        return self.every
 
 
 @dataclass(frozen=True)
@@ -153,8 +165,22 @@ def _section(tree: dict, key: str) -> dict:
     return value
 
 
+def _folder_model_type(path: str | None) -> str:
+    """config.json's model_type of a local Hugging Face folder (`model=hf` names its family after it)."""
+    from trainer.model_folder import read_model_config
+
+    _require(path is not None, "model.path", "a local Hugging Face folder when model.family is null", path)
+    try:
+        return read_model_config(path).model_type
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def job_config(cfg: DictConfig | dict) -> JobConfig:
-    tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    except OmegaConfBaseException as err:  # e.g. a required value left unset (model=hf needs model.path)
+        raise ConfigError(str(err).splitlines()[0]) from None
     model, par, data = _section(tree, "model"), _section(tree, "parallel"), _section(tree, "data")
     optim, train, ckpt = _section(tree, "optim"), _section(tree, "train"), _section(tree, "checkpoint")
     wandb = _section(_section(tree, "logging"), "wandb")
@@ -165,10 +191,11 @@ def job_config(cfg: DictConfig | dict) -> JobConfig:
         "a mapping of transformers config fields (or set model.path)",
         model.get("config"),
     )
+    path = model.get("path")
     model_cfg = ModelConfig(
-        name=str(model.get("name")),
-        family=str(model.get("family")),
-        path=model.get("path"),
+        family=str(model.get("family") or _folder_model_type(path)),
+        name=str(model.get("name") or Path(path).name),  # model=hf: named after its folder
+        path=path,
         dtype=_choice(model, "dtype", "model", DTYPES),
         config=dict(model.get("config") or {}),
     )
@@ -181,11 +208,15 @@ def job_config(cfg: DictConfig | dict) -> JobConfig:
 
     zero_stage = par.get("zero_stage", 2)
     _require(zero_stage in (2, 3), "parallel.zero_stage", "2 or 3", zero_stage)
+    cp = _int(par, "cp", "parallel")
+    if par.get("load_balance") is None:  # head-tail evens out causal attention work across CP ranks
+        par = {**par, "load_balance": "headtail" if cp > 1 else "contiguous"}
     parallel_cfg = ParallelConfig(
-        cp=_int(par, "cp", "parallel"),
+        cp=cp,
         nproc_per_node=_int(par, "nproc_per_node", "parallel"),
         engine=_choice(par, "engine", "parallel", ENGINES),
         attention=_choice(par, "attention", "parallel", ATTENTION_KINDS),
+        load_balance=_choice(par, "load_balance", "parallel", LOAD_BALANCES),
         zero_stage=zero_stage,
         offload=bool(par.get("offload", False)),
     )
@@ -194,6 +225,14 @@ def job_config(cfg: DictConfig | dict) -> JobConfig:
     _require(
         seq_len % multiple == 0, "data.seq_len", f"a multiple of parallel.cp x ttt.chunk_size = {multiple}", seq_len
     )
+    if cp > 1 and parallel_cfg.load_balance == "headtail":
+        _require(
+            seq_len % (2 * multiple) == 0,
+            "parallel.load_balance",
+            f"contiguous, or headtail with data.seq_len a multiple of 2 x parallel.cp x ttt.chunk_size = {2 * multiple}"
+            f" (data.seq_len={seq_len})",
+            parallel_cfg.load_balance,
+        )
     data_cfg = DataConfig(
         name=str(data.get("name")),
         seq_len=seq_len,
@@ -251,7 +290,7 @@ def job_config(cfg: DictConfig | dict) -> JobConfig:
         "eval.distance_edges", "an increasing list of positive integers", edges,
     )  # fmt: skip
     eval_cfg = EvalConfig(
-        every=_int(evaluation, "every", "eval", minimum=0),
+        every=None if evaluation.get("every") == "auto" else _int(evaluation, "every", "eval", minimum=0),
         samples=_int(evaluation, "samples", "eval"),
         seed=_int(evaluation, "seed", "eval", minimum=0),
         distance_edges=tuple(edges),

@@ -19,7 +19,7 @@ from parallel.mesh import build_mesh
 from parallel.sharding import IGNORE_INDEX, shard_batch
 from trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from trainer.config import JobConfig
-from trainer.data import SequenceLoader, build_dataset, stream_identity
+from trainer.data import SequenceLoader, build_dataset, sizes_only, stream_identity
 from trainer.evaluation.answers import answer_accuracy
 from trainer.faults import PreemptionFlag
 from trainer.materialize import Materializer, load_pretrained
@@ -46,9 +46,10 @@ class Ranks:
     dp_group: object
     cp_group: object
     device: torch.device
+    load_balance: str = "contiguous"  # which pieces of each sequence a CP rank holds (parallel.pieces)
 
 
-def setup_ranks(cp: int) -> Ranks:
+def setup_ranks(cp: int, load_balance: str = "contiguous") -> Ranks:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return Ranks(0, 1, 0, 1, 0, 1, None, None, device)
@@ -56,6 +57,7 @@ def setup_ranks(cp: int) -> Ranks:
     return Ranks(
         dist.get_rank(), dist.get_world_size(), mesh["dp"].get_local_rank(), mesh["dp"].size(),
         mesh["cp"].get_local_rank(), mesh["cp"].size(), mesh["dp"].get_group(), mesh["cp"].get_group(), device,
+        load_balance if cp > 1 else "contiguous",
     )  # fmt: skip
 
 
@@ -87,7 +89,10 @@ def train_step(step_model, optimizer, loader: SequenceLoader, job: JobConfig, ra
         last = micro == len(batches) - 1
         if engine == "fsdp2":  # reduce-scatter gradients once, after the last micro-batch
             step_model.set_requires_gradient_sync(last)
-        local = {k: v.to(ranks.device) for k, v in shard_batch(batch, ranks.cp_rank, ranks.cp_size).items()}
+        local = {
+            k: v.to(ranks.device)
+            for k, v in shard_batch(batch, ranks.cp_rank, ranks.cp_size, ranks.load_balance).items()
+        }
         with autocast:
             ce = step_model(local["input_ids"], local["position_ids"], local["labels"])
         loss_sum += ce.detach()
@@ -125,14 +130,22 @@ def _ttt_update_norms(model, ranks: Ranks) -> dict[str, float]:
     return {f"ttt_update_norm/{name.split('.mlp')[0].split('.')[-1]}": float(n) for (name, _), n in zip(layers, norms)}
 
 
+def _accuracy_line(evaluation: dict, dataset) -> str:
+    """The held-out answer accuracy beside what guessing would score (when the task knows it)."""
+    step, accuracy, answers = evaluation["step"], evaluation["accuracy"], evaluation["answers"]
+    line = f"held-out answer accuracy at step {step}: {accuracy:.3f} ({answers} answers)"
+    chance = dataset.chance_accuracy()
+    return line if chance is None else f"{line}; chance: {chance:.3f}"
+
+
 def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path | None:
     """Train `job` in `run_dir`; returns the last checkpoint written."""
-    ranks = setup_ranks(job.parallel.cp)
+    ranks = setup_ranks(job.parallel.cp, job.parallel.load_balance)
     run_dir.mkdir(parents=True, exist_ok=True)
     engine = job.parallel.engine if ranks.world > 1 else "single"
     model = build_meta_model(job.model, job.ttt, master_dtype(job.model.dtype, ranks.device, engine))
     if ranks.cp_size > 1:
-        apply_cp(model, ranks.cp_group, job.parallel.attention)
+        apply_cp(model, ranks.cp_group, job.parallel.attention, ranks.load_balance)
     if job.train.activation_checkpointing:
         enable_activation_checkpointing(model, job.train.checkpoint_every_n_layers)
     step_model = CausalLMLoss(model)
@@ -153,9 +166,11 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
         )  # fmt: skip
         deepspeed_engine = step_model
     vocab_size = model.config.vocab_size
-    dataset = build_dataset(job.data.name, job.data.seq_len, vocab_size, job.seed, job.data.options)
-    if job.eval.every:
-        held_out = build_dataset(job.data.name, job.data.seq_len, vocab_size, job.eval.seed, job.data.options)
+    options = sizes_only(job.data.name, job.data.options)  # start-up (trainer/preflight.py) hashed the shards
+    dataset = build_dataset(job.data.name, job.data.seq_len, vocab_size, job.seed, options)
+    eval_every = job.eval.interval(has_answers=hasattr(dataset, "sample"))
+    if eval_every:
+        held_out = build_dataset(job.data.name, job.data.seq_len, vocab_size, job.eval.seed, options)
     loader = SequenceLoader(dataset, job.data.batch_size, ranks.dp_rank, ranks.dp_size)
 
     ckpt_root = run_dir / "checkpoints"
@@ -178,6 +193,7 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
         total=job.train.steps, initial=start, disable=not (lead and job.train.progress), unit="step", mininterval=2
     )
     bad_in_a_row = 0
+    evaluation = None
 
     def checkpoint(step: int) -> Path:
         stream = stream_identity(job.data.name, job.data.seq_len, job.seed, job.data.options)
@@ -193,9 +209,9 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
             done = step + 1
             bad_in_a_row = 0 if stats["finite"] else bad_in_a_row + 1
             update_norms = _ttt_update_norms(model, ranks)  # a collective: every rank takes part
-            evaluation = None
-            if job.eval.every and (done % job.eval.every == 0 or done == job.train.steps):
-                evaluation = answer_accuracy(step_model, held_out, job.eval.samples, ranks, job.eval.distance_edges)
+            if eval_every and (done % eval_every == 0 or done == job.train.steps):
+                scores = answer_accuracy(step_model, held_out, job.eval.samples, ranks, job.eval.distance_edges)
+                evaluation = {"step": done, **scores}
             if lead:
                 record = {
                     "step": done, "loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
@@ -203,9 +219,9 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
                     "peak_memory_bytes": _peak_memory_bytes(ranks.device), "skipped": not stats["finite"],
                 }  # fmt: skip
                 record.update(update_norms)
-                if evaluation is not None:
+                if evaluation is not None and evaluation["step"] == done:
                     record["eval/accuracy"] = evaluation["accuracy"]
-                    write_json_atomically(run_dir / "eval.json", {"step": done, **evaluation})
+                    write_json_atomically(run_dir / "eval.json", evaluation)
                 metrics.write(record)
                 wandb.log(record, step=done)
                 progress.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -228,6 +244,8 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
         if wandb is not None:
             wandb.finish()
     if lead:
+        if evaluation is not None:
+            print(_accuracy_line(evaluation, dataset))
         print(f"run directory: {run_dir}\nmetrics: {run_dir / 'metrics.jsonl'}\ncheckpoint: {last_ckpt}")
         if wandb is not None and wandb.offline_dir:
             print(f"wandb: {Path(wandb.offline_dir).parent}")

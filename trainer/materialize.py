@@ -23,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, HuggingFaceStorageReader
 
+from trainer.model_folder import weights_mismatch
 from trainer.ttt.mlp import FastWeightMLP
 
 
@@ -68,24 +69,9 @@ def load_pretrained(model: nn.Module, folder: str, with_ttt: bool = False) -> No
     values (one exported from a TTT run has them; `with_ttt` requires them); any other parameter
     the folder lacks, or a tensor it has that the model lacks, is an error."""
     reader = HuggingFaceStorageReader(folder)
-    stored = set(reader.read_metadata().state_dict_metadata)
-    distinct = _without_tied_duplicates(model.state_dict(keep_vars=True))
-    expected = {name for name in distinct if with_ttt or ".ttt_" not in name}
-    state = model.state_dict()
-    missing, unexpected = sorted(expected - stored), sorted(stored - set(state))
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise ValueError(f"model.path={folder}: the checkpoint does not match the model ({detail})")
+    stored = {name: tuple(meta.size) for name, meta in reader.read_metadata().state_dict_metadata.items()}
+    problem = weights_mismatch(model, stored, with_ttt)
+    if problem is not None:
+        raise ValueError(f"model.path={folder}: {problem}")
     planner = DefaultLoadPlanner(allow_partial_load=True)
-    dcp.load(state, storage_reader=reader, planner=planner, no_dist=not dist.is_initialized())
-
-
-def _without_tied_duplicates(state: dict) -> list[str]:
-    """Names of distinct tensors: a tied output head shares the embedding's tensor, and checkpoints
-    store it once."""
-    seen, names = set(), []
-    for name, tensor in state.items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            names.append(name)
-    return names
+    dcp.load(model.state_dict(), storage_reader=reader, planner=planner, no_dist=not dist.is_initialized())

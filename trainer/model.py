@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from trainer.config import ModelConfig
 from trainer.loss import linear_cross_entropy
 from trainer.materialize import Materializer, load_pretrained
+from trainer.model_folder import read_model_config
 from trainer.ttt import TTTConfig, patch_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -26,14 +27,27 @@ def master_dtype(model_dtype: str, device: torch.device, engine: str) -> torch.d
     return dtype
 
 
+def model_config(model_cfg: ModelConfig):
+    """The transformers config a job builds: `model.config` for scratch init, or the `model.path` folder's
+    config.json with `model.config`'s fields set over it, read as `model.family`. A family other than the
+    folder's reads its weights into another architecture with the same parameters, e.g. a Llama checkpoint
+    as Mistral, whose attention can be restricted to `sliding_window`."""
+    if model_cfg.path is None:
+        return AutoConfig.for_model(model_cfg.family, **model_cfg.config)
+    config = read_model_config(model_cfg.path)
+    if config.model_type == model_cfg.family and not model_cfg.config:
+        return config
+    fields = {
+        k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")
+    }
+    return AutoConfig.for_model(model_cfg.family, **{**fields, **model_cfg.config})
+
+
 def build_meta_model(model_cfg: ModelConfig, ttt_cfg: TTTConfig, dtype: torch.dtype | None = None):
     """The patched model on the meta device: exact shapes, no storage (see `trainer.materialize`),
     parameters in `dtype` (default `model.dtype`). With `model.path`, only the folder's config.json
     is read here."""
-    if model_cfg.path is not None:
-        config = AutoConfig.from_pretrained(model_cfg.path)
-    else:
-        config = AutoConfig.for_model(model_cfg.family, **model_cfg.config)
+    config = model_config(model_cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or DTYPES[model_cfg.dtype])
     return patch_model(model, ttt_cfg)

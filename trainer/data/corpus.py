@@ -76,6 +76,7 @@ class CorpusDataset:
         if not long_doc_upsample > 0:
             raise DataError(f"data.long_doc_upsample must be a number > 0, got {long_doc_upsample!r}")
         self.seq_len, self.packing = seq_len, bool(packing)
+        self.folders = [folder for folder, _ in weighted]
         self._seed = seed % (1 << 64)
 
         self._tokens: list[np.ndarray] = []  # memory-mapped shards of all sources

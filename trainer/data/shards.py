@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from trainer.data.errors import DataError
+from trainer.integrity import file_problem, fsync_folder, rank_slice, shared_verdict
 
 FORMAT = "ttt-longctx-shards/1"
 MANIFEST = "manifest.json"
@@ -40,25 +41,9 @@ def remove_temporaries(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _fsync_folder(folder: Path) -> None:
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
 def _commit(temporary: Path, final: Path) -> None:
     os.replace(temporary, final)
-    _fsync_folder(final.parent)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 23):
-            digest.update(block)
-    return digest.hexdigest()
+    fsync_folder(final.parent)
 
 
 def length_histogram(lengths: np.ndarray) -> list[list[int]]:
@@ -156,29 +141,35 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-_HASHED: set[tuple] = set()  # (file, size, mtime, sha256) already verified in this process
-
-
 def check_shard(folder: Path, entry: dict, checksums: bool) -> None:
     """Raise a DataError naming the file if a listed shard file is missing, truncated or (with
-    `checksums`) corrupted. A file is hashed once per process while its size and mtime stay the same
-    (the training job opens the corpus more than once)."""
+    `checksums`) corrupted."""
     files = (
         (entry["tokens_file"], entry["tokens"] * TOKEN_DTYPE.itemsize, entry["sha256_tokens"]),
         (entry["offsets_file"], (entry["documents"] + 1) * OFFSET_DTYPE.itemsize, entry["sha256_offsets"]),
     )
     for name, size, digest in files:
-        path = folder / name
-        if not path.is_file():
-            raise DataError(f"{path}: shard file missing")
-        stat = path.stat()
-        if stat.st_size != size:
-            raise DataError(f"{path}: truncated or overwritten shard ({stat.st_size} bytes, manifest: {size})")
-        known = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, digest)
-        if checksums and known not in _HASHED:
-            if file_sha256(path) != digest:
-                raise DataError(f"{path}: corrupted shard (sha256 differs from the manifest)")
-            _HASHED.add(known)
+        problem = file_problem(folder / name, size, digest if checksums else None, "shard", "manifest")
+        if problem is not None:
+            raise DataError(problem)
+
+
+def verify_prepared(folder: str | Path) -> None:
+    """Hash every shard of a prepared folder once per job: each rank its slice of the shards, one
+    verdict for all (a DataError on every rank if any shard is damaged)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    try:
+        for entry in rank_slice(manifest.get("shards", [])):
+            check_shard(folder, entry, checksums=True)
+        problem = None
+    except DataError as err:
+        problem = str(err)
+    except (KeyError, TypeError) as err:
+        problem = f"{folder / MANIFEST}: malformed manifest ({err!r})"
+    problem = shared_verdict(problem)
+    if problem is not None:
+        raise DataError(problem)
 
 
 class Shard(NamedTuple):

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from parallel.sharding import shard_batch
+from parallel.sharding import shard_batch, unshard
 
 
 @torch.no_grad()
@@ -29,7 +29,10 @@ def answer_accuracy(step_model, dataset, count: int, ranks, distance_edges: tupl
     for index in range(ranks.dp_rank * per_rank, (ranks.dp_rank + 1) * per_rank):
         sample = dataset.sample(index)
         batch = {"input_ids": sample.input_ids, "position_ids": sample.position_ids}
-        local = {k: v.to(ranks.device) for k, v in shard_batch(batch, ranks.cp_rank, ranks.cp_size).items()}
+        local = {
+            k: v.to(ranks.device)
+            for k, v in shard_batch(batch, ranks.cp_rank, ranks.cp_size, ranks.load_balance).items()
+        }
         predicted = _gather_sequence(step_model(local["input_ids"], local["position_ids"]), ranks).cpu()
         for answer in sample.answers:
             bucket = bisect.bisect_right(distance_edges, answer.distance)
@@ -54,9 +57,9 @@ def answer_accuracy(step_model, dataset, count: int, ranks, distance_edges: tupl
 
 
 def _gather_sequence(local: torch.Tensor, ranks) -> torch.Tensor:
-    """The (B, S) predictions of the whole sequence from each CP rank's contiguous shard."""
+    """The (B, S) predictions of the whole sequence from each CP rank's shard."""
     if ranks.cp_size == 1:
         return local
     parts = [torch.empty_like(local) for _ in range(ranks.cp_size)]
     dist.all_gather(parts, local, group=ranks.cp_group)
-    return torch.cat(parts, dim=1)
+    return unshard(parts, ranks.load_balance)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from trainer.ttt.fastweight import accumulation_dtype, clip_delta, read_scale
+from trainer.ttt.fastweight import accumulation_dtype, clip_delta, gated_mean
 from trainer.ttt.layout import ChunkLayout, single_document_layout
 from trainer.ttt.patch import decoder_of
 
@@ -34,28 +34,34 @@ class FastWeightState:
     """One TTT layer's decoding state: the committed writes and the open chunk's rows.
 
     weight:   (B, d, h) sum of committed chunk deltas (the fast part of W_down), accumulated in at
-              least fp32; None until the first commit. `commits` chunks are in it.
-    z, source: (B, C, h) / (B, C, d) buffers of the open chunk's MLP activations and target sources;
-              the first `filled` rows are valid. A full chunk waits here only for its lookahead row.
+              least fp32; None until the first commit.
+    mass:     (B, 1, 1) the normalized write's committed gate mass (sum of g), which the read divides by.
+    z, source, gates: (B, C, h) / (B, C, d) / (B, C, 1) buffers of the open chunk's keys, target sources
+              and write gates; the first `filled` rows are valid. A full chunk waits here only for its
+              lookahead row.
     """
 
-    def __init__(self, method: str, chunk_size: int, lr: float, write: str):
-        self.chunk_size, self.lr, self.write = chunk_size, lr, write
+    def __init__(self, method: str, chunk_size: int, lr: float):
+        self.chunk_size, self.lr = chunk_size, lr
         self.lookahead = _LOOKAHEAD.get(method, 0)
         self.weight: torch.Tensor | None = None
-        self.commits = 0
+        self.mass: torch.Tensor | None = None
         self.z: torch.Tensor | None = None
         self.source: torch.Tensor | None = None
+        self.gates: torch.Tensor | None = None
         self.filled = 0
 
-    def extend(self, z: torch.Tensor, source: torch.Tensor, targets: Targets, clip: float | None) -> torch.Tensor:
+    def extend(
+        self, z: torch.Tensor, source: torch.Tensor, gates: torch.Tensor | None, targets: Targets, clip: float | None
+    ) -> torch.Tensor:
         """Fast part of the MLP output for the next tokens, (B, L, d), given their keys z (B, L, h; the
-        activations, normalized for the normalized write) and target sources (B, L, d); commits every
-        chunk whose targets become final on the way.
+        activations, normalized for the normalized write), target sources (B, L, d) and write gates (B, L, 1;
+        None for the raw write); commits every chunk whose targets become final on the way.
         `targets(source, layout)` computes the value targets of rows that form one document."""
         if self.z is None:
             self.z = z.new_empty(z.shape[0], self.chunk_size, z.shape[-1])
             self.source = source.new_empty(source.shape[0], self.chunk_size, source.shape[-1])
+            self.gates = None if gates is None else gates.new_empty(gates.shape[0], self.chunk_size, 1)
         pieces, start, length = [], 0, z.shape[1]
         while True:
             if self.filled == self.chunk_size and length - start >= self.lookahead:
@@ -66,6 +72,8 @@ class FastWeightState:
             pieces.append(self._read(z[:, start:end]))
             self.z[:, self.filled : self.filled + end - start] = z[:, start:end]
             self.source[:, self.filled : self.filled + end - start] = source[:, start:end]
+            if gates is not None:
+                self.gates[:, self.filled : self.filled + end - start] = gates[:, start:end]
             self.filled += end - start
             start = end
         return torch.cat(pieces, dim=1)
@@ -74,21 +82,22 @@ class FastWeightState:
         if self.weight is None:
             return z.new_zeros(*z.shape[:-1], self.source.shape[-1])
         fast = z.to(self.weight.dtype) @ self.weight.mT
-        # These tokens belong to chunk `commits` of the document: the full forward's read scale at its start.
-        scale = read_scale(torch.tensor(self.commits * self.chunk_size), self.chunk_size, self.write, fast.dtype)
-        return (fast if scale is None else fast * scale.to(fast.device)).to(z.dtype)
+        return (fast if self.mass is None else gated_mean(fast, self.mass)).to(z.dtype)
 
     def _commit(self, ahead: torch.Tensor, targets: Targets, clip: float | None) -> None:
-        """Write the full open chunk: dW = lr * V^T Z, with V computed as the full forward does."""
+        """Write the full open chunk: dW = lr * (g V)^T Z, with V computed as the full forward does."""
         rows = torch.cat([self.source, ahead], dim=1)
         layout = single_document_layout(rows.shape[0], rows.shape[1], self.chunk_size, rows.device)
         values = targets(rows, layout)[:, : self.chunk_size]
         acc = accumulation_dtype(self.z.dtype)
+        if self.gates is not None:
+            values = self.gates * values
+            mass = self.gates.to(acc).sum(dim=1, keepdim=True)
+            self.mass = mass if self.mass is None else self.mass + mass
         delta = self.lr * (values.to(acc).mT @ self.z.to(acc))
         if clip is not None:
             delta = clip_delta(delta, clip)
         self.weight = delta if self.weight is None else self.weight + delta
-        self.commits += 1
         self.filled = 0
 
 
@@ -111,7 +120,7 @@ class TTTCache(DynamicCache):
         super().__init__(config=model.config)
         ttt_layers = getattr(model, "ttt_layers", [])  # set by patch_model; none for a plain model
         cfg = getattr(model, "ttt_config", None)
-        self.fast_weights = {i: FastWeightState(cfg.method, cfg.chunk_size, cfg.lr, cfg.write) for i in ttt_layers}
+        self.fast_weights = {i: FastWeightState(cfg.method, cfg.chunk_size, cfg.lr) for i in ttt_layers}
         layers = decoder_of(model).layers
         self._state_of = {id(layers[i].mlp): self.fast_weights[i] for i in ttt_layers}
 

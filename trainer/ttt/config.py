@@ -25,13 +25,14 @@ class TTTConfig:
                    (layers i with i % K == OFFSET, OFFSET defaults to K - 1 so the last layer of each
                    group of K is a TTT layer).
     chunk_size:    C, positions per fast-weight write.
-    lr:            eta, the fast-weight learning rate in dW_c = eta * V_c^T Z_c.
+    lr:            eta: the raw write's dW_c = eta * V_c^T Z_c; the normalized read's gain (|O| <= eta max |V|).
     conv_kernel:   k of the depthwise target conv ("inplace"); odd, so the conv is centered.
     proj:          learn the d x d target projection P (`ttt_proj`). Required by "ntp" and "recon".
     target_source: T, the value-target source: the MLP input ("hidden") or token embeddings ("embed").
     clip:          tau; at inference a chunk delta with Frobenius norm above tau is scaled to tau.
-    write:         "normalized" (unit-norm keys, each chunk reads the mean of the writes before it: the same
-                   scale for any model and length) | "raw" (the In-Place TTT release's dW_c = eta V_c^T Z_c).
+    write:         "normalized" (unit-norm keys, a learned per-token write gate, each chunk reads the gated mean
+                   of the writes before it: the same scale for any model and length) | "raw" (the In-Place TTT
+                   release's dW_c = eta V_c^T Z_c).
     """
 
     method: str = "inplace"

@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 
 from parallel.halo import halo_rows
+from parallel.pieces import as_cp_group, fold, piece_edges
 from trainer.ttt.config import TTTConfig
 from trainer.ttt.layout import ChunkLayout, build_layout, document_position_ids
 
@@ -40,7 +40,7 @@ class TTTContext:
     @property
     def halo_widths(self) -> tuple[int, int]:
         """Rows of the neighbouring shards that this shard's value targets read (before, after)."""
-        if self.cp_group is None or dist.get_world_size(self.cp_group) == 1:
+        if self.cp_group is None or as_cp_group(self.cp_group).count == 1:
             return 0, 0
         radius = self.cfg.conv_kernel // 2
         return {"inplace": (radius, radius), "ntp": (0, 1)}.get(self.cfg.method, (0, 0))
@@ -75,8 +75,12 @@ class TTTContext:
             kwargs["use_cache"] = False
             for name in _CACHE_KWARGS:
                 kwargs.pop(name, None)
-        self.embeddings = kwargs.get("inputs_embeds")
+        self.embeddings = self._piece_rows(kwargs.get("inputs_embeds"))
         return args, kwargs
+
+    def _piece_rows(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """Under CP the MLPs see each piece of the shard as a row of its own (`parallel.pieces.fold`)."""
+        return x if x is None or self.cp_group is None else fold(x, as_cp_group(self.cp_group))
 
     def _begin_decoding(self, args, kwargs, cache):
         """The new tokens continue one document per row; the MLPs run on the fast weights in `cache`."""
@@ -98,10 +102,12 @@ class TTTContext:
         if self.cp_group is None:
             self.layout = self.target_layout = build_layout(position_ids, chunk)
             return
-        rank, size = dist.get_rank(self.cp_group), dist.get_world_size(self.cp_group)
-        self.layout = build_layout(position_ids, chunk, continues_before=rank > 0, continues_after=rank < size - 1)
+        cp = as_cp_group(self.cp_group)
+        position_ids = fold(position_ids, cp)
+        follows, precedes = piece_edges(cp, position_ids.shape[0] // cp.per_rank)
+        self.layout = build_layout(position_ids, chunk, continues_before=follows, continues_after=precedes)
         before, after = self.halo_widths
-        prev_pos, next_pos = halo_rows(position_ids, self.cp_group, before, after, fill=_NO_NEIGHBOUR)
+        prev_pos, next_pos = halo_rows(position_ids, cp, before, after, fill=_NO_NEIGHBOUR)
         self.target_layout = build_layout(torch.cat([prev_pos, position_ids, next_pos], dim=1), chunk)
 
     def snapshot(self) -> tuple:
@@ -119,7 +125,7 @@ class TTTContext:
 
     def record_embeddings(self, module, args, output):
         """Forward hook of the input embedding, for target_source=embed."""
-        self.embeddings = output
+        self.embeddings = self._piece_rows(output)
 
     def end(self, module, args, kwargs, output):
         """Forward hook of the decoder: a later stand-alone `mlp(x)` must not see this batch's layout."""

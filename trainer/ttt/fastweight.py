@@ -21,13 +21,19 @@ Two writes share the scan (`TTTConfig.write`):
 
     raw          the In-Place TTT release's formula above: keys K = Z. Its gain lr * sum_s (Z_t . Z_s) grows
                  with the activations' scale and with the number of tokens written.
-    normalized   keys K_t = Z_t / ||Z_t|| (unit L2 norm per token), and chunk c reads the mean of what the
-                 c*C positions before it wrote:  O_t = lr / (cC) * sum_{s in chunks < c} (K_t . K_s) V_s.
-                 Every weight K_t . K_s lies in [-1, 1], so |O_t| <= lr * max_s |V_s| at any scale and length.
+    normalized   keys K_t = Z_t / ||Z_t|| (unit L2 norm per token), each token writes with a learned weight
+                 g_s = sigmoid(x_s . w + b) in (0, 1), and chunk c reads the g-weighted mean of what the
+                 positions of earlier chunks wrote:
+                     O_t = lr * sum_{s in chunks < c} g_s (K_t . K_s) V_s / sum_{s in chunks < c} g_s
+                 Every weight K_t . K_s lies in [-1, 1], so |O_t| <= lr * max_s |V_s| at any activation scale
+                 and length. With w = b = 0 (the drop-in init) every g is 1/2 and this is the plain mean; the
+                 gate lets a layer write only the tokens worth remembering, so a few associations are not
+                 diluted by the thousands of tokens around them.
 
-`write_keys` and `read_scale` turn the scan into the normalized write (the state stays the plain sum
-sum_c V_c^T K_c, so CP's state passing is unchanged); `naive_normalized_fastweight` is its reference, written
-as the token-pair sum.
+The normalized write is two scans of the same kind (the state stays a plain sum, so CP's state passing and
+decoding are unchanged): the gated values g V with the unit keys, and the gate mass g with a key of 1;
+`gated_mean` divides one by the other. `naive_normalized_fastweight` is its reference, written as the
+token-pair sum.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import torch
 from trainer.ttt.layout import ChunkLayout, RowGroup, Segment, document_spans
 
 _KEY_EPS = 1e-6  # a zero activation row gets a zero key, not a division by zero
+_MASS_EPS = 1e-30  # only guards the division where nothing was read (mass 0, fast 0)
 
 
 def write_keys(z: torch.Tensor, write: str) -> torch.Tensor:
@@ -48,13 +55,10 @@ def write_keys(z: torch.Tensor, write: str) -> torch.Tensor:
     return torch.nn.functional.normalize(z, dim=-1, eps=_KEY_EPS)
 
 
-def read_scale(position_ids: torch.Tensor, chunk_size: int, write: str, dtype: torch.dtype) -> torch.Tensor | None:
-    """(B, S, 1) factor of each token's fast read, or None for raw: 1 / (c C) for a token of chunk c = pos // C,
-    the number of positions whose writes it reads (0 in a document's first chunk, which reads nothing)."""
-    if write == "raw":
-        return None
-    before = ((position_ids // chunk_size) * chunk_size).to(dtype)
-    return torch.where(before > 0, 1 / before.clamp_min(1), 0).unsqueeze(-1)
+def gated_mean(fast: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """The normalized read: the gated write sum `fast` (B, S, d) over the gate mass `mass` (B, S, 1) of the
+    positions it read; 0 where a token reads nothing (a document's first chunk)."""
+    return torch.where(mass > 0, fast / mass.clamp_min(_MASS_EPS), 0)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -244,18 +248,26 @@ def _naive_document(z, v, first_pos, chunk_size, lr, clip):
 
 
 def naive_normalized_fastweight(
-    z: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor, chunk_size: int, lr: float
+    z: torch.Tensor,
+    v: torch.Tensor,
+    position_ids: torch.Tensor,
+    chunk_size: int,
+    lr: float,
+    gates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference of the normalized write as a token-pair sum, one document at a time:
-    O_t = lr / (c_t C) * sum_{s: c_s < c_t} (K_t . K_s) V_s with K = Z / ||Z|| and c = position // C."""
+    O_t = lr * sum_{s: c_s < c_t} g_s (K_t . K_s) V_s / sum_{s: c_s < c_t} g_s with K = Z / ||Z||, c = position // C
+    and g = `gates` (B, S, 1), all equal if None."""
     position_ids = position_ids.expand(z.shape[0], -1)
+    gates = torch.ones_like(z[..., :1]) if gates is None else gates
     keys = z / z.norm(dim=-1, keepdim=True).clamp_min(_KEY_EPS)
     out = torch.zeros(*z.shape[:-1], v.shape[-1], dtype=z.dtype, device=z.device)
     for b in range(z.shape[0]):
         pos = position_ids[b].tolist()
         for a, e in document_spans(pos):
             chunk = torch.tensor(pos[a:e], device=z.device) // chunk_size
-            reads = chunk[:, None] > chunk[None, :]  # token t reads token s of an earlier chunk
+            reads = (chunk[:, None] > chunk[None, :]) * gates[b, a:e, 0]  # token t reads token s of an earlier chunk
             weights = (keys[b, a:e] @ keys[b, a:e].T) * reads
-            out[b, a:e] = lr * (weights @ v[b, a:e]) / (chunk * chunk_size).clamp_min(1).unsqueeze(-1)
+            mass = reads.sum(dim=1, keepdim=True)
+            out[b, a:e] = torch.where(mass > 0, lr * (weights @ v[b, a:e]) / mass.clamp_min(_MASS_EPS), 0)
     return out

@@ -65,32 +65,41 @@ def build_layout(
     position_ids: torch.Tensor,
     chunk_size: int,
     batch_size: int | None = None,
-    continues_before: bool = False,
-    continues_after: bool = False,
+    continues_before: bool | torch.Tensor = False,
+    continues_after: bool | torch.Tensor = False,
 ) -> ChunkLayout:
-    """Layout of documents and chunk segments for `position_ids` of shape (B, S) or (1, S)."""
+    """Layout of documents and chunk segments for `position_ids` of shape (B, S) or (1, S).
+
+    `continues_before` / `continues_after`: for all rows, or per row as a (B,) bool tensor (the pieces
+    of a head-tail shard continue on different sides)."""
     if position_ids.dim() == 1:
         position_ids = position_ids.unsqueeze(0)
     if batch_size is not None and position_ids.shape[0] != batch_size:
         position_ids = position_ids.expand(batch_size, -1)
     pos = position_ids
     doc_start = document_starts(pos)
-    if continues_before:  # a shard's first token starts a document only at position 0
-        doc_start[:, 0] = pos[:, 0] == 0
+    before = torch.as_tensor(continues_before, device=pos.device).expand(pos.shape[0])
+    after = torch.as_tensor(continues_after).expand(pos.shape[0]).tolist()
+    doc_start[:, 0] &= ~before | (pos[:, 0] == 0)  # a continued first token starts a document only at position 0
     seg_start = doc_start | (pos % chunk_size == 0)
     seg_start[:, 0] = True
     segment_ids = seg_start.long().cumsum(dim=-1) - 1
 
     # One host sync per forward: the scan needs segment bounds as Python ints.
     seg_cpu, doc_cpu, last_pos = seg_start.cpu(), doc_start.cpu(), pos[:, -1].cpu()
-    uniform = bool((seg_cpu == seg_cpu[0]).all() and (doc_cpu == doc_cpu[0]).all() and (last_pos == last_pos[0]).all())
+    uniform = bool(
+        (seg_cpu == seg_cpu[0]).all()
+        and (doc_cpu == doc_cpu[0]).all()
+        and (last_pos == last_pos[0]).all()
+        and len(set(after)) == 1
+    )
     rows = [slice(None)] if uniform else [slice(b, b + 1) for b in range(pos.shape[0])]
     groups = []
     for row in rows:
         b = 0 if row.start is None else row.start
         starts = seg_cpu[b].nonzero().flatten().tolist()
         ends = starts[1:] + [pos.shape[1]]
-        last_closes = not continues_after or int(last_pos[b] + 1) % chunk_size == 0
+        last_closes = not after[b] or int(last_pos[b] + 1) % chunk_size == 0
         segments = tuple(
             Segment(s, e, bool(doc_cpu[b, s]), last_closes if i == len(starts) - 1 else True)
             for i, (s, e) in enumerate(zip(starts, ends))

@@ -9,7 +9,7 @@ from parallel.halo import halo_rows
 from parallel.state_scan import exclusive_state_scan
 from trainer.ttt.config import TTTConfig
 from trainer.ttt.context import TTTContext
-from trainer.ttt.fastweight import chunk_scan, read_incoming_state, read_scale, write_keys
+from trainer.ttt.fastweight import chunk_scan, gated_mean, read_incoming_state, write_keys
 from trainer.ttt.layout import single_document_layout
 from trainer.ttt.targets import value_targets
 
@@ -37,6 +37,8 @@ class FastWeightMLP(nn.Module):
             self.ttt_conv = nn.Conv1d(hidden, hidden, k, padding=k // 2, groups=hidden, bias=False, **factory)
         if cfg.proj:
             self.ttt_proj = nn.Linear(hidden, hidden, bias=False, **factory)
+        if cfg.write == "normalized":  # the per-token write weight g = sigmoid(x . w + b)
+            self.ttt_gate = nn.Linear(hidden, 1, **factory)
         self.reset_ttt_parameters()
 
     @torch.no_grad()
@@ -48,6 +50,9 @@ class FastWeightMLP(nn.Module):
             # inplace: the zero conv already gives V = 0, so P starts as the identity;
             # ntp / recon: P is the only parameter of the target, so it starts at zero.
             (nn.init.eye_ if self.cfg.method == "inplace" else nn.init.zeros_)(self.ttt_proj.weight)
+        if self.cfg.write == "normalized":  # every token writes alike (g = 1/2): the plain mean to start from
+            nn.init.zeros_(self.ttt_gate.weight)
+            nn.init.zeros_(self.ttt_gate.bias)
 
     def set_context_parallel(self, group) -> None:
         """Called by `parallel.apply_cp`: this model now sees one shard of each sequence."""
@@ -67,25 +72,38 @@ class FastWeightMLP(nn.Module):
         source = source.to(z.dtype)
         clip = None if self.training else self.cfg.clip
         keys = write_keys(z, self.cfg.write)
+        gates = torch.sigmoid(self.ttt_gate(x)).to(z.dtype) if self.cfg.write == "normalized" else None
         if context.decoding is not None:  # incremental decoding: this layer's fast weight lives in the cache
-            return out + context.decoding.fast_weight_state(self).extend(keys, source, self._values, clip)
+            state = context.decoding.fast_weight_state(self)
+            return out + state.extend(keys, source, gates, self._values, clip)
         if context.layout is None:  # called on its own: each row is one document
             layout = target_layout = single_document_layout(x.shape[0], x.shape[1], self.cfg.chunk_size, x.device)
         else:
             layout, target_layout = context.layout, context.target_layout
         values = self._values(source, target_layout)
-        if context.cp_group is None:
-            fast, (committed, _) = chunk_scan(keys, values, layout, self.cfg.lr, clip=clip)
-        else:
-            # Context parallel: scan the shard from zero, pass states across ranks, add what the
-            # incoming state contributes to this shard's first document.
-            fast, (committed, pending) = chunk_scan(keys, values, layout, self.cfg.lr)
-            resets = layout.doc_start.any(dim=1)
-            incoming = exclusive_state_scan(committed, pending, resets, context.cp_group)
-            fast = fast + read_incoming_state(keys, layout, *incoming)
-        self.update_norm = self._update_norm(committed, layout)
-        scale = read_scale(layout.position_ids, self.cfg.chunk_size, self.cfg.write, fast.dtype)
-        return out + (fast if scale is None else fast * scale)
+        if gates is None:
+            fast, committed = self._read_writes(keys, values, layout, self.cfg.lr, clip)
+            self.update_norm = torch.linalg.matrix_norm(committed.detach()).mean()
+            return out + fast
+        fast, committed = self._read_writes(keys, gates * values, layout, self.cfg.lr, clip)
+        mass, committed_mass = self._read_writes(torch.ones_like(gates), gates, layout, 1.0, None)
+        norm = torch.linalg.matrix_norm(committed.detach())
+        self.update_norm = gated_mean(norm, committed_mass.detach().flatten()).mean()  # of the mean a later token reads
+        return out + gated_mean(fast, mass)
+
+    def _read_writes(self, keys, values, layout, lr, clip):
+        """What each token reads of the writes (keys, values) of earlier chunks of its document, and the
+        state committed at the end of this sequence (of this shard, under CP: for metrics)."""
+        cp_group = self._context.cp_group
+        if cp_group is None:
+            fast, (committed, _) = chunk_scan(keys, values, layout, lr, clip=clip)
+            return fast, committed
+        # Context parallel: scan the shard from zero, pass states across ranks, add what the incoming
+        # state contributes to this shard's first document.
+        fast, (committed, pending) = chunk_scan(keys, values, layout, lr)
+        resets = layout.doc_start.any(dim=1)
+        incoming = exclusive_state_scan(committed, pending, resets, cp_group)
+        return fast + read_incoming_state(keys, layout, *incoming), committed
 
     def _values(self, source: torch.Tensor, target_layout) -> torch.Tensor:
         """Value targets of this shard; under CP they may read halo rows of the neighbouring shards."""
@@ -97,13 +115,6 @@ class FastWeightMLP(nn.Module):
             source = torch.cat([prev_rows, source, next_rows], dim=1)
         values = value_targets(self.cfg.method, source, target_layout, conv, proj)
         return values[:, before : values.shape[1] - after]
-
-    def _update_norm(self, committed: torch.Tensor, layout) -> torch.Tensor:
-        """Frobenius norm of the fast-weight update a token after this forward would read (batch mean), for
-        metrics: the accumulated writes, divided by the positions they cover for the normalized write."""
-        norm = torch.linalg.matrix_norm(committed.detach())
-        scale = read_scale(layout.position_ids[:, -1] + 1, self.cfg.chunk_size, self.cfg.write, norm.dtype)
-        return (norm if scale is None else norm * scale.squeeze(-1)).mean()
 
     def extra_repr(self) -> str:
         cfg = self.cfg

@@ -63,6 +63,10 @@ class Language(ABC):
     def draw_values(self, count: int, generator: torch.Generator) -> list: ...
 
     @abstractmethod
+    def value_chance(self) -> float:
+        """The probability that a uniform guess of one drawn value is right (an answer's chance level)."""
+
+    @abstractmethod
     def haystack(self, length: int, generator: torch.Generator) -> Haystack: ...
 
     @abstractmethod
@@ -115,6 +119,9 @@ class TokenLanguage(Language):
     def draw_values(self, count: int, generator: torch.Generator) -> list[torch.Tensor]:
         shape = (count, self.digits) if self.digits else (count,)
         return list(self.values[torch.randint(len(self.values), shape, generator=generator)].view(count, -1))
+
+    def value_chance(self) -> float:
+        return len(self.values) ** -(self.digits or 1)
 
     def haystack(self, length: int, generator: torch.Generator) -> Haystack:
         return Haystack(self.filler[torch.randint(len(self.filler), (length,), generator=generator)])

@@ -39,6 +39,10 @@ class SyntheticTask:
     def _document(self, length: int, generator: torch.Generator) -> Built:
         raise NotImplementedError
 
+    def chance_accuracy(self) -> float | None:
+        """The answer accuracy of guessing, where every answer is one uniformly drawn value; else None."""
+        return None
+
     def _room(self, fixed: int, what: str) -> int:
         """Haystack tokens the shortest document has left around `fixed` tokens of task content."""
         if fixed > self.shortest:
@@ -74,6 +78,9 @@ class Recall(SyntheticTask):
                     f"null or an integer in [query_gap, {room}]", query_gap_max)  # fmt: skip
         self.num_pairs, self.query_gap, self.query_gap_max = num_pairs, query_gap, query_gap_max
 
+    def chance_accuracy(self) -> float:
+        return self.language.value_chance()
+
     def _document(self, length: int, generator: torch.Generator) -> Built:
         n, language = self.num_pairs, self.language
         keys = self._draw_keys(n, generator)
@@ -107,6 +114,9 @@ class Needle(SyntheticTask):
         fixed = _length(self._head()) + num_needles * language.bound("write") + num_queries * language.bound("query")
         self._room(fixed, f"{num_needles} needle(s) and {num_queries} query(ies)")
         self.num_needles, self.num_queries, self.depth = num_needles, num_queries, depth
+
+    def chance_accuracy(self) -> float:
+        return self.language.value_chance()
 
     def _document(self, length: int, generator: torch.Generator) -> Built:
         n, language = self.num_needles, self.language

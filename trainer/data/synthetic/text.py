@@ -46,7 +46,11 @@ class TextLanguage(Language):
 
         if tokenizer is None or not Path(tokenizer).is_dir():
             raise ValueError(f"data.tokenizer must be a local tokenizer folder, got {tokenizer!r}")
-        self._tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError) as err:  # transformers' messages run over many lines
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0].strip()
+            raise ValueError(f"data.tokenizer={tokenizer}: not a usable tokenizer folder ({reason})") from None
         if len(self._tokenizer) > vocab_size:
             raise ValueError(f"data: the tokenizer has {len(self._tokenizer)} ids, more than vocab_size={vocab_size}")
         bos = self._tokenizer.bos_token_id
@@ -71,6 +75,9 @@ class TextLanguage(Language):
     def draw_values(self, count: int, generator: torch.Generator) -> list[str]:
         numbers = torch.randint(10 ** (self.digits - 1), 10**self.digits, (count,), generator=generator)
         return [str(number) for number in numbers.tolist()]
+
+    def value_chance(self) -> float:
+        return 1 / (9 * 10 ** (self.digits - 1))  # numbers of exactly `digits` digits
 
     def haystack(self, length: int, generator: torch.Generator) -> Haystack:
         """Random sentences up to `length` tokens, the last one cut to fit."""

@@ -1,0 +1,75 @@
+"""The mask-free segment plan against the dense-mask reference, in fp64, one process playing every rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parallel.pieces import pieces_of
+from parallel.segments import naive_document_attention, piece_plan, segment_attention
+from parallel.sharding import document_starts, shard
+
+HEADS, KV_HEADS, DIM = 4, 2, 8  # GQA
+# Per row of a 48-token batch: documents straddling piece edges; one starting exactly on the edge
+# at 24 (contiguous P=2) and at 12 and 36 (head-tail P=2, pieces of 12); a single document.
+PACKINGS = ([[5, 11, 9, 23], [10, 14, 24]], [[12, 30, 6], [48]])
+
+
+def _positions(lengths_per_row):
+    return torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in lengths_per_row])
+
+
+def _rank_outputs(q, k, v, positions, size, load_balance, window):
+    """Every rank's attention output (B, Lq, H, D) and its plan, from the global q, k, v."""
+    shards = [pieces_of(rank, size, load_balance) for rank in range(size)]
+    buffer = [piece for pieces in shards for piece in pieces]
+    keys = torch.cat([shard(k, r, size, 2, load_balance) for r in range(size)], dim=2).movedim(2, 0)
+    values = torch.cat([shard(v, r, size, 2, load_balance) for r in range(size)], dim=2).movedim(2, 0)
+    results = []
+    for rank, pieces in enumerate(shards):
+        plan = piece_plan(positions, list(pieces), buffer, window)
+        local_q = shard(q, rank, size, 2, load_balance)
+        results.append((segment_attention(local_q, keys, values, plan, DIM**-0.5), plan))
+    return results
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("load_balance", ["contiguous", "headtail"])
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_segment_plan_equals_dense_mask_reference(packing, size, load_balance, window):
+    generator = torch.Generator().manual_seed(0)
+    positions = _positions(packing)
+    batch, seq = positions.shape
+
+    def leaf(heads):
+        return torch.randn(batch, heads, seq, DIM, dtype=torch.float64, generator=generator).requires_grad_()
+
+    q, k, v = leaf(HEADS), leaf(KV_HEADS), leaf(KV_HEADS)
+    weight = torch.randn(batch, HEADS, seq, DIM, dtype=torch.float64, generator=generator)
+    doc_ids = document_starts(positions).long().cumsum(dim=-1)
+    reference = naive_document_attention(q, k, v, 0, doc_ids, DIM**-0.5, 0.0, window)
+    want = torch.autograd.grad((reference * weight).sum(), (q, k, v))
+
+    results = _rank_outputs(q, k, v, positions, size, load_balance, window)
+    loss = 0
+    for rank, (out, _) in enumerate(results):
+        expected = shard(reference, rank, size, 2, load_balance).transpose(1, 2)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        loss = loss + (out * shard(weight, rank, size, 2, load_balance).transpose(1, 2)).sum()
+    for got, ref in zip(torch.autograd.grad(loss, (q, k, v)), want):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+    # The plan's work is the reference mask's visible pairs, and no key is packed twice within a piece.
+    index = torch.arange(seq)
+    visible = (index[None, :] <= index[:, None]) & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    if window:
+        visible &= index[None, :] > index[:, None] - window
+    assert sum(plan.attended_pairs for _, plan in results) == int(visible.sum())
+
+
+def test_contiguous_plan_reads_one_view_of_the_keys():
+    positions = _positions(PACKINGS[0])
+    plan = piece_plan(positions[:1], [1], [0, 1])
+    assert plan.key_runs == ((0, 16, 48),)  # row 0 from the start of the document straddling 24
+    assert [(s.q_lo, s.q_hi, s.k_lo, s.k_hi) for s in plan.segments] == [(0, 1, 0, 9), (1, 24, 9, 32)]
