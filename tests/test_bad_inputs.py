@@ -157,12 +157,8 @@ def _checkpoint(trained: Path, where: Path, damage: str) -> Path:
 # (id, how to make the input, overrides with {input} for it, the error line or, where it quotes a parser, its
 # start; {input}, {dir}, {ckpt}... stand for the damaged input)
 CASES = [
-    (
-        "hf-model-path-missing",
-        ("model", "missing"),
-        HF_FOLDER,
-        "model.path={input}: cannot read its config.json (FileNotFoundError)",
-    ),
+    ("hf-model-path-missing", ("model", "missing"), HF_FOLDER, "model.path={input}: no such folder"),
+    ("hf-model-path-unset", ("model", "missing"), ["model=hf"], "model.path must be set"),
     ("model-path-missing", ("model", "missing"), ZOO_FOLDER, "model.path={input}: no such folder"),
     ("model-path-a-file", ("model", "file"), ZOO_FOLDER, "model.path={input}: not a folder"),
     (
@@ -317,8 +313,8 @@ CASES = [
         ("checkpoint", "intact"),
         ["checkpoint.resume={ckpt}", "ttt.layers=[0]"],
         "checkpoint.resume: {ckpt} does not fit this model and ttt config: the checkpoint does not match the model "
-        "(unexpected ['model.layers.1.mlp.ttt_proj.weight', 'model.layers.2.mlp.ttt_proj.weight', "
-        "'model.layers.3.mlp.ttt_proj.weight'])",
+        "(unexpected ['model.layers.1.mlp.ttt_gate.bias', 'model.layers.1.mlp.ttt_gate.weight', "
+        "'model.layers.1.mlp.ttt_proj.weight'])",
     ),
     (
         "resume-another-data-stream",

@@ -85,7 +85,8 @@ ALLGATHER_CASES = [
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_cp_allgather_equals_single_process(tmp_path, world_size):
-    run_ranks(_exactness, world_size, tmp_path, ALLGATHER_CASES)
+    # fp64: in fp32 the write gate's bias gradient, a sum of many cancelling terms, differs by summation order
+    run_ranks(_exactness, world_size, tmp_path, ALLGATHER_CASES, "contiguous", True)
 
 
 # 48 tokens: 2P pieces of 12, 8 and 6 at P = 2, 3, 4. Documents start on piece edges (12, 24) and

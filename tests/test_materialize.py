@@ -15,7 +15,7 @@ from trainer.model import DTYPES, CausalLMLoss, build_meta_model, build_model
 from trainer.ttt import TTTConfig
 
 CPU = torch.device("cpu")
-TTT = TTTConfig(method="inplace", chunk_size=4, layers="every:2")  # inplace: conv zeros, projection eye
+TTT = TTTConfig(method="inplace", chunk_size=4, layers="every:2")  # inplace: conv the next-token shift, P zero
 
 
 def model_cfg(path=None, tie: bool = True, dtype: str = "float32") -> ModelConfig:
@@ -47,15 +47,17 @@ def test_values_depend_on_the_seed_only_not_on_how_the_model_is_split():
     other = build_model(model_cfg(), TTT, CPU, seed=4)
     assert not torch.equal(other.model.embed_tokens.weight, whole.model.embed_tokens.weight)
     assert abs(float(whole.model.embed_tokens.weight.detach().std()) - 0.02) < 0.005  # transformers' initializer_range
-    assert torch.equal(layers[1].mlp.ttt_proj.weight, torch.eye(24))  # the TTT layer starts as a drop-in
-    assert torch.equal(layers[1].mlp.ttt_conv.weight, torch.zeros_like(layers[1].mlp.ttt_conv.weight))
+    assert torch.equal(layers[1].mlp.ttt_proj.weight, torch.zeros(24, 24))  # the TTT layer starts as a drop-in
+    shift = torch.zeros_like(layers[1].mlp.ttt_conv.weight)
+    shift[:, 0, 3] = 1  # kernel 5, centred: tap 3 reads the next position
+    assert torch.equal(layers[1].mlp.ttt_conv.weight, shift)
     assert torch.equal(layers[0].input_layernorm.weight, torch.ones(24))
     theta = whole.config.rope_parameters["rope_theta"]
     assert torch.allclose(whole.model.rotary_emb.inv_freq, 1.0 / theta ** (torch.arange(0, 6, 2) / 6))
 
 
 def _sharded_materialization(rank, world, reference, folder):
-    model = build_meta_model(model_cfg(folder), TTT)
+    model = build_meta_model(model_cfg(folder, tie=folder is None), TTT)  # the released base folder is untied
     step_model = CausalLMLoss(model)
     materialize, full_numel_seen = Materializer(model, CPU, seed=3), []
 
@@ -89,8 +91,8 @@ def test_a_released_base_model_loads_into_sharded_and_plain_models(tmp_path, dty
     base = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3", **cfg.config), dtype=DTYPES[dtype])
     folder = tmp_path / "hf"
     base.save_pretrained(folder)  # a plain Hugging Face checkpoint: no TTT parameters
-    loaded = build_model(model_cfg(str(folder), dtype=dtype), TTT, CPU, seed=3)
-    fresh = plain_tensors(build_model(model_cfg(dtype=dtype), TTT, CPU, seed=3))
+    loaded = build_model(model_cfg(str(folder), tie=False, dtype=dtype), TTT, CPU, seed=3)
+    fresh = plain_tensors(build_model(model_cfg(tie=False, dtype=dtype), TTT, CPU, seed=3))
     stored = plain_tensors(base)
     for name, value in plain_tensors(loaded).items():
         assert torch.equal(value, stored[name] if name in stored else fresh[name]), name

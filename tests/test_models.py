@@ -31,7 +31,7 @@ PUBLISHED = {
     "llama3.1-8b": (8_030_261_248, "meta-llama/Llama-3.1-8B checkpoint; card: 8B"),
     "mistral-7b": (7_248_023_552, "mistralai/Mistral-7B-v0.3 checkpoint; Mistral's announcement: 7.3B"),
 }
-SHIPPED = sorted(p.stem for p in Path(CONF_DIR, "model").glob("*.yaml"))
+SHIPPED = sorted(p.stem for p in Path(CONF_DIR, "model").glob("*.yaml") if p.stem != "hf")  # hf: any folder
 
 
 def _build(name: str, *overrides: str):
@@ -67,7 +67,7 @@ def _ttt_layer_count(rule: str, layers: int) -> int:
 def test_ttt_defaults_add_the_expected_parameters(name, method):
     cfg, model = _build(name, f"ttt={method}")
     d, layers = model.config.hidden_size, model.config.num_hidden_layers
-    per_layer = d * d + (d * cfg.ttt.conv_kernel if method == "inplace" else 0)  # ttt_proj (+ ttt_conv)
+    per_layer = d * d + d + 1 + (d * cfg.ttt.conv_kernel if method == "inplace" else 0)  # proj, gate (+ conv)
     expected = _ttt_layer_count(cfg.model.ttt_defaults.layers, layers) * per_layer
     assert model_facts(model).ttt_params == expected
     assert cfg.ttt.chunk_size == cfg.model.ttt_defaults.chunk_size

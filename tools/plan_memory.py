@@ -119,7 +119,7 @@ class ModelFacts:
     """What the plan needs from the model, read off the (meta) model itself."""
 
     base_params: int  # shared (tied) tensors counted once
-    ttt_params: int  # ttt_conv and ttt_proj of the TTT layers
+    ttt_params: int  # ttt_conv, ttt_proj and ttt_gate of the TTT layers
     root_params: int  # outside the decoder layers: embeddings, final norm, head
     largest_layer_params: int  # the biggest decoder layer, TTT parameters included
     vocab: int

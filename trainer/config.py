@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from parallel.attention import KINDS as ATTENTION_KINDS
 from parallel.engine import ENGINES
@@ -178,9 +178,11 @@ def _folder_model_type(path: str | None) -> str:
 
 def job_config(cfg: DictConfig | dict) -> JobConfig:
     try:
-        tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    except OmegaConfBaseException as err:  # e.g. a required value left unset (model=hf needs model.path)
-        raise ConfigError(str(err).splitlines()[0]) from None
+        tree = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True) if isinstance(cfg, DictConfig) else cfg
+    except MissingMandatoryValue as err:  # e.g. model=hf leaves model.path to the command line
+        raise ConfigError(f"{err.full_key} must be set (the config leaves it to the command line)") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{err.full_key}: {str(err).splitlines()[0]}") from None
     model, par, data = _section(tree, "model"), _section(tree, "parallel"), _section(tree, "data")
     optim, train, ckpt = _section(tree, "optim"), _section(tree, "train"), _section(tree, "checkpoint")
     wandb = _section(_section(tree, "logging"), "wandb")

@@ -46,10 +46,10 @@ class FastWeightMLP(nn.Module):
         """The initialisation that makes V = 0 (also called after a meta-device model is allocated)."""
         if self.cfg.method == "inplace":
             nn.init.zeros_(self.ttt_conv.weight)
-        if self.cfg.proj:
-            # inplace: the zero conv already gives V = 0, so P starts as the identity;
-            # ntp / recon: P is the only parameter of the target, so it starts at zero.
-            (nn.init.eye_ if self.cfg.method == "inplace" else nn.init.zeros_)(self.ttt_proj.weight)
+            if self.cfg.proj:  # the conv starts as the shift to the next token, the alignment it is there for
+                self.ttt_conv.weight[:, 0, self.cfg.conv_kernel // 2 + 1] = 1
+        if self.cfg.proj:  # P is the last factor of every target: at zero, V = 0
+            nn.init.zeros_(self.ttt_proj.weight)
         if self.cfg.write == "normalized":  # every token writes alike (g = 1/2): the plain mean to start from
             nn.init.zeros_(self.ttt_gate.weight)
             nn.init.zeros_(self.ttt_gate.bias)
