@@ -135,7 +135,7 @@ def _accuracy_line(evaluation: dict, dataset) -> str:
     step, accuracy, answers = evaluation["step"], evaluation["accuracy"], evaluation["answers"]
     line = f"held-out answer accuracy at step {step}: {accuracy:.3f} ({answers} answers)"
     chance = dataset.chance_accuracy()
-    return line if chance is None else f"{line}; chance: {chance:.3f}"
+    return line if chance is None else f"{line}; chance: {chance:.3g}"
 
 
 def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path | None:
