@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from parallel.sharding import IGNORE_INDEX, next_token_labels
 from trainer.data import build_dataset
-from trainer.data.synthetic import GENERATORS, SyntheticRecall
+from trainer.data.synthetic import GENERATORS, SyntheticPasskey, SyntheticRecall
 from trainer.data.synthetic.language import BOS, SPECIALS
 from trainer.loop import run
 
@@ -326,3 +326,10 @@ def test_training_on_a_new_task_runs(loss_on, tmp_path):
     run(job, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_chance_accuracy_is_a_uniform_guess_of_each_answer():
+    """What the end-of-run line prints beside the accuracy: one value of the recall task (1/16 keys' values at
+    vocab 68, the ablation's), five digits of a pass key."""
+    assert SyntheticRecall(vocab_size=68, seq_len=256, seed=0).chance_accuracy() == 1 / 16
+    assert SyntheticPasskey(vocab_size=68, seq_len=256, seed=0, digits=5).chance_accuracy() == pytest.approx(1e-5)
