@@ -26,7 +26,7 @@ from trainer.data import build_dataset, sizes_only, stream_identity
 from trainer.data.shards import verify_prepared
 from trainer.dcp_reader import read_index
 from trainer.model import build_meta_model
-from trainer.model_folder import read_model_config, stored_shapes, weights_mismatch
+from trainer.model_folder import stored_shapes, weights_mismatch
 
 
 def check_inputs(job: JobConfig, run_dir: Path, report) -> Path | None:
@@ -44,9 +44,8 @@ def check_inputs(job: JobConfig, run_dir: Path, report) -> Path | None:
 
 
 def _check_model(job: JobConfig) -> nn.Module:
-    """The job's model on the meta device, after checking the `model.path` folder and its weights."""
-    if job.model.path is not None:
-        read_model_config(job.model.path)
+    """The job's model on the meta device (its config.json is checked as it is read, `model_config`), after
+    which the `model.path` weights are checked against it."""
     try:
         model = build_meta_model(job.model, job.ttt)
     except StrictDataclassError as err:  # transformers validates config fields through huggingface_hub
