@@ -4,6 +4,7 @@ worker killed while saving loses nothing but the unfinished save, and the ranks 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from tests.multiproc import run_ranks
 from tests.test_train import FAST, cli, metrics
 from trainer.checkpoint import checkpoint_problem, complete_checkpoints, save_checkpoint
 
+REPO = Path(__file__).resolve().parents[1]
 QUIET = [*FAST, "logging.wandb.mode=disabled"]
 
 
@@ -52,7 +54,8 @@ real_save = trainer.checkpoint.dcp.save
 
 def save_then_die(state, checkpoint_id, **kwargs):
     real_save(state, checkpoint_id=checkpoint_id, **kwargs)
-    if "step-6" in str(checkpoint_id):  # the tensors are on disk, meta.json is not: a save cut short
+    # the tensors are on disk, meta.json is not: a save cut short (under torchrun, on the last rank only)
+    if "step-6" in str(checkpoint_id) and os.environ.get("RANK", "0") == os.environ.get("KILL_RANK", "0"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 trainer.checkpoint.dcp.save = save_then_die
@@ -75,6 +78,28 @@ def test_worker_killed_while_saving_then_auto_resume_finishes_the_same_run(tmp_p
     assert [p.name for p in complete_checkpoints(root)] == ["step-3", "step-6"] and not (
         root / ".step-6.partial"
     ).exists()
+    assert checkpoint_problem(root / "step-6") is None
+
+
+def test_one_of_two_workers_killed_while_saving_then_auto_resume_finishes_the_same_run(tmp_path):
+    """CP=2 under torchrun: rank 1 dies in the middle of the step-6 save, torchrun stops rank 0; a
+    self-launched CP=2 job with resume=auto redoes steps 4-6 with the same losses, bit for bit."""
+    script = tmp_path / "killed_mid_save.py"
+    script.write_text(_KILLED_MID_SAVE)
+    run_dir = tmp_path / "run"
+    args = ["experiment=smoke", "logging.wandb.mode=disabled", f"hydra.run.dir={run_dir}"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    killed = subprocess.run([*torchrun, *args], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "KILL_RANK": "1"}, cwd=REPO)  # fmt: skip
+    assert killed.returncode != 0 and "Signal 9 (SIGKILL)" in killed.stderr, killed.stderr[-2000:]
+    root = run_dir / "checkpoints"
+    assert [p.name for p in complete_checkpoints(root)] == ["step-3"] and (root / ".step-6.partial").is_dir()
+    before_crash = metrics(run_dir)
+    assert [r["step"] for r in before_crash] == [1, 2, 3, 4, 5, 6]
+    resumed = cli(*args, "checkpoint.resume=auto")
+    assert f"resumed from {root}/step-3 at step 3" in resumed.stderr
+    assert same_numbers(metrics(run_dir), before_crash)
+    assert [p.name for p in complete_checkpoints(root)] == ["step-3", "step-6"]
     assert checkpoint_problem(root / "step-6") is None
 
 

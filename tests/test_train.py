@@ -20,6 +20,7 @@ import trainer.model
 import trainer.optim
 from trainer.checkpoint import complete_checkpoints, load_checkpoint
 from trainer.config import job_config
+from trainer.integrity import file_sha256
 from trainer.loop import NonFiniteLossError, run
 from trainer.train import CONF_DIR
 
@@ -243,3 +244,31 @@ def test_deepspeed_checkpoints_resume_through_the_same_logic(tmp_path):
         assert got["step"] == want["step"] and got["loss"] == pytest.approx(want["loss"], rel=1e-6)
     wrong = cli(*FAST, f"hydra.run.dir={tmp_path / 'x'}", f"checkpoint.resume={full}/checkpoints/step-3", check=False)
     assert "is a deepspeed checkpoint; this job's engine reads dcp" in wrong.stderr
+
+
+class _RunsCode:
+    """What a malicious pickle looks like: unpickling it calls os.system."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_deepspeed_files_are_never_unpickled(tmp_path):
+    """A DeepSpeed file rewritten to run code (its meta.json record updated to match) stops the start."""
+    run_dir, marker = tmp_path / "run", tmp_path / "code-ran"
+    engine = ["experiment=smoke", "parallel.engine=deepspeed", "logging.wandb.mode=disabled", "train.steps=1"]
+    cli(*engine, f"hydra.run.dir={run_dir}")
+    checkpoint = run_dir / "checkpoints" / "step-1"
+    optim = next((checkpoint / "deepspeed").glob("*optim_states.pt"))
+    torch.save({"optimizer_state_dict": _RunsCode(f"touch {marker}")}, optim)
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    meta["files"][f"deepspeed/{optim.name}"] = {"size": optim.stat().st_size, "sha256": file_sha256(optim)}
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+    resumed = cli(*engine, f"hydra.run.dir={run_dir}", "checkpoint.resume=auto", "train.steps=2", check=False)
+    assert resumed.returncode == 2 and not marker.exists()
+    assert resumed.stderr.strip().splitlines()[-1] == (
+        f"error: checkpoint.resume: {optim}: holds objects a checkpoint should not (posix.system); not loading it"
+    )

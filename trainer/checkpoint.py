@@ -8,7 +8,9 @@ ranks hash and fsync a slice of the files each, and rank 0 writes meta.json, fsy
 renames it. A crash mid-save leaves the previous checkpoint valid and the partial one ignored (and
 removed by the next save); a power loss cannot leave a renamed checkpoint with unwritten files.
 `checkpoint_problem` checks a checkpoint against its meta.json before a job trusts it. DCP reshards
-on load, so a run may resume with another number of processes or CP degree.
+on load, so a run may resume with another number of processes or CP degree. Nothing on disk is unpickled:
+DCP's index goes through `trainer.dcp_reader`, RNG states are JSON, and DeepSpeed's files are read with
+torch's weights-only unpickler (`deepspeed_foreign_objects` names what else a file would build).
 """
 
 from __future__ import annotations
@@ -191,12 +193,43 @@ def verified_resume(root: Path, resume: str | None, report) -> Path | None:
     return None
 
 
+def _deepspeed_types() -> list[type]:
+    """What DeepSpeed's checkpoint files hold besides tensors, containers and numbers (ZeRO 2 and 3)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def deepspeed_foreign_objects(path: Path) -> str | None:
+    """The first DeepSpeed file of checkpoint `path` that would build other objects, and what they are."""
+    allowed = {f"{t.__module__}.{t.__qualname__}" for t in _deepspeed_types()}
+    for file in sorted((path / _DEEPSPEED_TAG).glob("*.pt")):
+        foreign = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(file)) - allowed)
+        if foreign:
+            return f"{file}: holds objects a checkpoint should not ({', '.join(foreign)}); not loading it"
+    return None
+
+
+def _load_deepspeed(engine, path: Path) -> None:
+    """DeepSpeed's reader unpickles with weights_only=False (any object, any code); read its files with
+    torch's weights-only unpickler, allowing only DeepSpeed's own checkpoint types."""
+
+    def weights_only_load(file: str, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_types()):
+            return torch.load(file, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.load = weights_only_load
+    engine.load_checkpoint(str(path), tag=_DEEPSPEED_TAG)
+
+
 def load_checkpoint(path: Path, model, optimizer, deepspeed_engine=None) -> dict:
     """Load model and optimizer in place (DCP reshards as needed); returns the checkpoint's meta.
     The checkpoint is trusted: start-up (trainer/preflight.py) verified it and its format."""
     meta = read_meta(path)
     if deepspeed_engine is not None:
-        deepspeed_engine.load_checkpoint(str(path), tag=_DEEPSPEED_TAG)
+        _load_deepspeed(deepspeed_engine, path)
     else:
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}

@@ -20,7 +20,7 @@ from pathlib import Path
 from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
-from trainer.checkpoint import read_meta, verified_resume
+from trainer.checkpoint import deepspeed_foreign_objects, read_meta, verified_resume
 from trainer.config import ConfigError, JobConfig
 from trainer.data import build_dataset, sizes_only, stream_identity
 from trainer.data.shards import verify_prepared
@@ -89,6 +89,9 @@ def _check_checkpoint_fits(job: JobConfig, checkpoint: Path, model: nn.Module) -
             "resuming would not continue it"
         )
     if saved_format != "dcp":  # DeepSpeed's own files: their shapes are checked by DeepSpeed on load
+        foreign = deepspeed_foreign_objects(checkpoint)
+        if foreign is not None:
+            raise ConfigError(f"checkpoint.resume: {foreign}")
         return
     try:
         index = read_index(checkpoint).state_dict_metadata
