@@ -1,6 +1,6 @@
 """Context-parallel attention, registered through transformers' AttentionInterface.
 
-Each rank holds pieces of the sequence (`parallel.pieces`: contiguous, or head and tail). Documents
+Each rank holds pieces of the sequence (`parallel.pieces`: contiguous, head and tail, or by work). Documents
 (packed sequences) are found from the global `position_ids`, which restart at each document, and
 attended through a mask-free segment plan (`parallel.segments`: varlen flash attention on CUDA, SDPA
 per segment on CPU).
@@ -14,6 +14,7 @@ Both honour `sliding_window` (key k is visible to query q when q - window < k <=
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -32,12 +33,39 @@ def _global_positions(position_ids: torch.Tensor, batch: int, cp: CPGroup) -> to
     local = position_ids.expand(batch, -1).contiguous()
     parts = [torch.empty_like(local) for _ in range(cp.size)]
     dist.all_gather(parts, local, group=cp.group)
-    return unshard(parts, cp.load_balance)
+    return unshard(parts, cp.layout)
 
 
 def _buffer_pieces(cp: CPGroup) -> list[int]:
     """The pieces of an all-gathered buffer, rank-major."""
     return [piece for rank in range(cp.size) for piece in cp.pieces(rank)]
+
+
+class _PlanCache:
+    """The segment plans of the forward in progress. Every attention layer of a forward receives the same
+    `position_ids` tensor, so the gather of the global positions and the plan's host sync happen once
+    per forward (and per window, and query layout), not once per layer; an activation-checkpointing
+    recompute reuses them too. A new tensor, an in-place change of it or a new layout starts afresh."""
+
+    def __init__(self) -> None:
+        self._tensor, self._key, self._plans = None, None, {}
+
+    def plan(self, position_ids: torch.Tensor, batch: int, cp: CPGroup, query_pieces: list[int], window):
+        key = (position_ids._version, batch, cp.layout)
+        if self._tensor is None or self._tensor() is not position_ids or self._key != key:
+            self._tensor, self._key = weakref.ref(position_ids), key
+            self._plans = {"positions": _global_positions(position_ids, batch, cp)}
+        wanted = (tuple(query_pieces), window)
+        if wanted not in self._plans:
+            self._plans[wanted] = piece_plan(self._plans["positions"], query_pieces, _buffer_pieces(cp), window)
+        return self._plans[wanted]
+
+
+_PLANS: weakref.WeakKeyDictionary[CPGroup, _PlanCache] = weakref.WeakKeyDictionary()
+
+
+def _segment_plan(position_ids: torch.Tensor, batch: int, cp: CPGroup, query_pieces: list[int], window):
+    return _PLANS.setdefault(cp, _PlanCache()).plan(position_ids, batch, cp, query_pieces, window)
 
 
 def _gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
@@ -70,12 +98,11 @@ def allgather_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs
 ):
     cp = kwargs.pop("cp_group")
-    positions = _global_positions(kwargs["position_ids"], query.shape[0], cp)
+    plan = _segment_plan(kwargs["position_ids"], query.shape[0], cp, list(cp.pieces()), sliding_window)
     shard_bytes = key.numel() * key.element_size() + value.numel() * value.element_size()
     # Ring all-gather: every rank sends its shard to P-1 peers; the backward reduce-scatter mirrors it.
     LEDGER.bytes_sent["attention"] += (cp.size - 1) * shard_bytes * (2 if key.requires_grad else 1)
     keys, values = _gather_sequence(key, cp.group), _gather_sequence(value, cp.group)
-    plan = piece_plan(positions, cp.pieces(), _buffer_pieces(cp), sliding_window)
     out = segment_attention(query, keys, values, plan, scaling, dropout if module.training else 0.0)
     return out, None
 
@@ -91,10 +118,9 @@ def ulysses_attention(
             f"parallel.attention=ulysses needs attention heads ({query.shape[1]}) and key/value heads "
             f"({key.shape[1]}) divisible by parallel.cp={cp.size}"
         )
-    positions = _global_positions(kwargs["position_ids"], query.shape[0], cp)
     # The all-to-all hands each rank every rank's pieces, rank-major; the queries are put in sequence
     # order, so each document's queries are one segment and the keys one view.
-    plan = piece_plan(positions, list(range(cp.count)), _buffer_pieces(cp), sliding_window)
+    plan = _segment_plan(kwargs["position_ids"], query.shape[0], cp, list(range(cp.count)), sliding_window)
     # All-to-all keeps 1/P of each tensor local: q, k, v go out and the output (q-sized) comes back;
     # the backward mirrors it.
     local_bytes = sum(t.numel() * t.element_size() for t in (query, key, value, query))
@@ -102,9 +128,9 @@ def ulysses_attention(
 
     def local_attention(q, k, v, *args, **kw):  # (B, S, H/P, D): the whole sequence, a slice of heads
         drop = dropout if module.training else 0.0
-        q = unshard(list(q.chunk(cp.size, dim=1)), cp.load_balance)
+        q = unshard(list(q.chunk(cp.size, dim=1)), cp.layout)
         out = segment_attention(q.transpose(1, 2), k.movedim(1, 0), v.movedim(1, 0), plan, scaling, drop)
-        return torch.cat([shard(out, rank, cp.size, 1, cp.load_balance) for rank in range(cp.size)], dim=1)
+        return torch.cat([shard(out, rank, cp.size, 1, cp.layout) for rank in range(cp.size)], dim=1)
 
     attention = DistributedAttention(local_attention, cp.group, scatter_idx=2, gather_idx=1)
     out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), batch_dim_idx=0)
@@ -112,7 +138,7 @@ def ulysses_attention(
 
 
 _FUNCTIONS = {"allgather": allgather_attention, "ulysses": ulysses_attention}
-_registered: dict[tuple[str, int, str], str] = {}
+_registered: dict[tuple[str, int], str] = {}
 
 
 def register_cp_attention(kind: str, group) -> str:
@@ -121,7 +147,7 @@ def register_cp_attention(kind: str, group) -> str:
     if kind not in KINDS:
         raise ValueError(f"parallel.attention must be one of {', '.join(KINDS)}, got {kind!r}")
     group = as_cp_group(group)
-    key = (kind, id(group.group), group.load_balance)
+    key = (kind, id(group))  # bound to this CPGroup: its layout changes with every batch under `work`
     if key not in _registered:
         if kind == "ulysses":
             init_deepspeed_comm()

@@ -2,10 +2,10 @@
 
 Applied from outside the model (as torchtitan does): it selects a CP attention function through
 transformers' AttentionInterface and hands the CP group (a `CPGroup`: the process group and its load
-balance) to every module that implements `set_context_parallel(group)` (the fast-weight MLPs, which
-then pass their states across ranks). A head-tail shard holds two pieces of the sequence that do not
-touch, so those modules see each piece as a row of its own: hooks fold (B, 2L, d) inputs into
-(2B, L, d) piece rows and unfold the outputs.
+balance and layout) to every module that implements `set_context_parallel(group)` (the fast-weight MLPs, which
+then pass their states across ranks). A shard of n > 1 pieces holds pieces of the sequence that need
+not touch, so those modules see each piece as a row of its own: hooks fold (B, nL, d) inputs into
+(nB, L, d) piece rows and unfold the outputs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from parallel.pieces import CPGroup, fold, unfold
 
 
 def apply_cp(model: nn.Module, group, attention: str = "allgather", load_balance: str = "contiguous") -> nn.Module:
-    cp = CPGroup(group, load_balance)
+    """`group`: a process group (laid out by `load_balance`) or a `CPGroup`, whose `arrange` the caller
+    then calls with each batch's positions before sharding it."""
+    cp = group if isinstance(group, CPGroup) else CPGroup(group, load_balance)
     name = register_cp_attention(attention, cp)
     model.set_attn_implementation(name)
     for module in model.modules():

@@ -27,10 +27,11 @@ def check_cp(
         raise ValueError(
             f"data.seq_len={seq_len} must be a multiple of parallel.cp x ttt.chunk_size = {cp} x {chunk_size}"
         )
-    if cp > 1 and seq_len % (pieces_per_rank(load_balance) * cp * chunk_size):
+    per_rank = pieces_per_rank(load_balance)
+    if cp > 1 and seq_len % (per_rank * cp * chunk_size):
         raise ValueError(
             f"parallel.load_balance={load_balance} needs data.seq_len={seq_len} to be a multiple of "
-            f"2 x parallel.cp x ttt.chunk_size = 2 x {cp} x {chunk_size}"
+            f"{per_rank} x parallel.cp x ttt.chunk_size = {per_rank} x {cp} x {chunk_size}"
         )
 
 

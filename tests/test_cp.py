@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -11,10 +12,14 @@ import torch.nn.functional as F
 from conftest import MODEL_BUILDERS, VOCAB, randomize_ttt_parameters, tiny_qwen3
 from multiproc import run_ranks
 
+import parallel.attention as attention_module
+import parallel.state_scan as state_scan
+import trainer.ttt.fastweight as fastweight
+import trainer.ttt.mlp
 from parallel.comm import LEDGER
 from parallel.context_parallel import apply_cp
 from parallel.mesh import build_mesh, check_cp
-from parallel.pieces import CPGroup
+from parallel.pieces import CPGroup, work_layout
 from parallel.sharding import IGNORE_INDEX, next_token_labels, shard, shard_batch, unshard
 from parallel.state_scan import exclusive_state_scan, naive_state_scan, scan_rounds
 from trainer.ttt import TTTConfig, patch_model
@@ -50,7 +55,9 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 
-def assert_cp_matches_reference(family, method, attention, lengths, group, load_balance="contiguous", fp64=False):
+def assert_cp_matches_reference(
+    family, method, attention, lengths, group, load_balance="contiguous", fp64=False, overlap=False
+):
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     dtype, tolerance = (torch.float64, 1e-10) if fp64 else (torch.float32, 1e-5)
     batch = make_batch(lengths)
@@ -58,8 +65,9 @@ def assert_cp_matches_reference(family, method, attention, lengths, group, load_
     reference = build(family, method, dtype=dtype)
     ref_loss = summed_loss(reference, batch, total)
     ref_loss.backward()
-    model = apply_cp(build(family, method, dtype=dtype), group, attention, load_balance)
-    loss = summed_loss(model, shard_batch(batch, rank, size, load_balance), total)
+    cp = CPGroup(group, load_balance, overlap)
+    model = apply_cp(build(family, method, dtype=dtype), cp, attention)
+    loss = summed_loss(model, shard_batch(batch, rank, size, cp.arrange(batch["position_ids"])), total)
     loss.backward()
     dist.all_reduce(loss := loss.detach(), group=group)
     where = f"{family}/{method}/{attention}/{load_balance}/{lengths} cp={size}"
@@ -70,9 +78,10 @@ def assert_cp_matches_reference(family, method, attention, lengths, group, load_
         assert relative_error(grad, ref_param.grad) < 10 * tolerance, f"{where}: {name}"
 
 
-def _exactness(rank, world_size, cases, load_balance="contiguous", fp64=False):
+def _exactness(rank, world_size, cases, load_balance="contiguous", fp64=False, overlap=False):
     for family, method, attention, lengths in cases:
-        assert_cp_matches_reference(family, method, attention, lengths, dist.group.WORLD, load_balance, fp64)
+        lengths = lengths(world_size) if callable(lengths) else lengths
+        assert_cp_matches_reference(family, method, attention, lengths, dist.group.WORLD, load_balance, fp64, overlap)
 
 
 ALLGATHER_CASES = [
@@ -102,7 +111,96 @@ HEADTAIL_CASES = [
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_cp_headtail_equals_single_process_in_fp64(tmp_path, world_size):
-    run_ranks(_exactness, world_size, tmp_path, HEADTAIL_CASES, "headtail", True)
+    run_ranks(_exactness, world_size, tmp_path, HEADTAIL_CASES, "headtail", True, True)  # the overlapped scan
+
+
+# load_balance=work at P ranks: 8P pieces of one chunk (4 tokens) each, so every chunk edge is a piece
+# edge. Short documents, then a long one whose pieces carry most of the work and end up spread over
+# the ranks out of sequence order; or two long documents.
+def short_then_long(ranks: int) -> list[int]:
+    return [5, 11, 9, 7, 32 * ranks - 32]
+
+
+def two_long(ranks: int) -> list[int]:
+    return [16 * ranks + 3, 16 * ranks - 3]
+
+
+WORK_PACKINGS = (short_then_long, two_long)
+WORK_CASES = [
+    ("qwen3", method, "allgather", lengths) for method in ("none", "inplace", "ntp") for lengths in WORK_PACKINGS
+] + [("mistral", "ntp", "allgather", WORK_PACKINGS[0])]  # sliding-window attention
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_cp_work_layout_equals_single_process_in_fp64(tmp_path, world_size):
+    run_ranks(_exactness, world_size, tmp_path, WORK_CASES, "work", True)
+
+
+def test_work_layout_spreads_a_long_document_and_keeps_piece_counts_equal():
+    positions = torch.cat([torch.arange(n) for n in (5, 11, 9, 7, 96)]).unsqueeze(0)
+    layout = work_layout(positions, 4, 8)
+    assert sorted(p for pieces in layout for p in pieces) == list(range(32))
+    assert all(len(pieces) == 8 and list(pieces) == sorted(pieces) for pieces in layout)
+    work = (positions[0].double() + 1).reshape(32, 4).sum(1)
+    loads = torch.stack([work[list(pieces)].sum() for pieces in layout])
+    assert float(loads.max() / loads.mean()) < 1.05
+    assert work_layout(positions, 4, 8) == layout  # the same on every rank
+    contiguous = work.reshape(4, 8).sum(1)
+    assert float(contiguous.max() / contiguous.mean()) > 2  # what the layout avoids
+
+
+def _state_scan_overlaps_the_local_scan(rank, world_size):
+    """The scan on the side thread waits until this thread has entered the local chunk scan (forward)
+    and its backward (adjoint scan): without the overlap the waits would time out."""
+    local_forward, local_backward = threading.Event(), threading.Event()
+    overlapped = []
+    chunk_scan, chunk_backward = trainer.ttt.mlp.chunk_scan, fastweight._ChunkScan.backward
+    forward_scan, adjoint_scan = state_scan._forward_scan, state_scan._adjoint_scan
+
+    def entering(event, function):
+        def run(*args):
+            event.set()
+            return function(*args)
+
+        return run
+
+    def waiting_for(event, function):
+        def run(*args):
+            overlapped.append(event.wait(timeout=30))
+            return function(*args)
+
+        return run
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer.ttt.mlp, "chunk_scan", entering(local_forward, chunk_scan))
+        patch.setattr(fastweight._ChunkScan, "backward", staticmethod(entering(local_backward, chunk_backward)))
+        patch.setattr(state_scan, "_forward_scan", waiting_for(local_forward, forward_scan))
+        patch.setattr(state_scan, "_adjoint_scan", waiting_for(local_backward, adjoint_scan))
+        batch = make_batch([40, 24])
+        model = apply_cp(build("qwen3", "ntp"), CPGroup(dist.group.WORLD, "headtail", overlap=True), "allgather")
+        local = shard_batch(batch, rank, world_size, "headtail")
+        summed_loss(model, local, 64).backward()
+    ttt_layers = sum(isinstance(m, trainer.ttt.mlp.FastWeightMLP) for m in model.modules())
+    assert overlapped == [True] * (4 * ttt_layers)  # a forward and an adjoint scan per read (values, gate mass)
+
+
+def _one_plan_per_forward(rank, world_size):
+    gathered = []
+    gather = attention_module._global_positions
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention_module, "_global_positions", lambda *a: gathered.append(1) or gather(*a))
+        model = apply_cp(build("qwen3", "ntp"), dist.group.WORLD)
+        for lengths in ([40, 24], [64]):  # a new batch, a new plan
+            summed_loss(model, shard_batch(make_batch(lengths), rank, world_size), 64).backward()
+    assert model.config.num_hidden_layers > 1 and len(gathered) == 2
+
+
+def test_attention_layers_of_a_forward_share_one_segment_plan(tmp_path):
+    run_ranks(_one_plan_per_forward, 2, tmp_path)
+
+
+def test_state_scan_messages_fly_while_the_local_scan_runs(tmp_path):
+    run_ranks(_state_scan_overlaps_the_local_scan, 2, tmp_path)
 
 
 def test_cp_ulysses_equals_single_process(tmp_path):

@@ -11,6 +11,7 @@ from test_materialize import model_cfg
 from test_train import FAST, compose_job, metrics
 
 from parallel.context_parallel import apply_cp
+from parallel.pieces import CPGroup
 from trainer.data.synthetic import SyntheticRecall
 from trainer.evaluation.answers import answer_accuracy
 from trainer.loop import Ranks, run
@@ -74,9 +75,10 @@ def _model():
 def _parallel_accuracy(rank, world, layout, expected):
     step_model = _model()
     group = dist.group.WORLD
-    if layout == "cp":
-        apply_cp(step_model.lm, group, "allgather")
-        ranks = Ranks(rank, world, 0, 1, rank, world, None, group, CPU)
+    if layout == "cp":  # pieces placed by work: 16 pieces of 8 tokens, a layout per sequence
+        cp = CPGroup(group, "work")
+        apply_cp(step_model.lm, cp, "allgather")
+        ranks = Ranks(rank, world, 0, 1, rank, world, None, group, CPU, cp)
     else:
         ranks = Ranks(rank, world, rank, world, 0, 1, group, None, CPU)
     assert answer_accuracy(step_model, task(), 6, ranks, EDGES) == expected

@@ -11,6 +11,7 @@ from trainer.ttt.fastweight import (
     gated_mean,
     naive_fastweight,
     naive_normalized_fastweight,
+    state_transfer,
     write_keys,
 )
 from trainer.ttt.layout import build_layout, document_position_ids
@@ -172,6 +173,27 @@ def test_state_passing_across_a_split_equals_the_whole(lengths, split):
     g_split = torch.autograd.grad((torch.cat([first, second], dim=1) * grad).sum(), (z, v))
     for a, b in zip(g_split, g_whole):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "lengths,offset",  # offset: the piece starts that far into its first document (a CP piece edge)
+    [((16,), 0), ((19,), 2), ((3, 9, 1, 10), 0), ((6, 12), 3), ((5, 3), 1), ((2,), 0)],
+)
+def test_state_transfer_is_the_scans_final_state_without_its_reads(lengths, offset):
+    """What CP sends first: the (committed, pending) state of a piece, equal to the chunk scan's, and so
+    are its gradients."""
+    pos = packed_positions(*lengths) + torch.cat([torch.full((lengths[0],), offset), torch.zeros(sum(lengths[1:]))])
+    layout = build_layout(pos.long(), 4, continues_before=offset > 0, continues_after=True)
+    z, v = random_inputs(1, pos.shape[1], requires_grad=True)
+    _, scanned = chunk_scan(z, v, layout, 0.6)
+    transfer = state_transfer(z, v, layout, 0.6)
+    weights = [torch.randn_like(t) for t in scanned]
+    for got, want in zip(transfer, scanned):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g_scan = torch.autograd.grad(sum((t * w).sum() for t, w in zip(scanned, weights)), (z, v))
+    g_transfer = torch.autograd.grad(sum((t * w).sum() for t, w in zip(transfer, weights)), (z, v))
+    for got, want in zip(g_transfer, g_scan):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_low_precision_inputs_accumulate_in_fp32():

@@ -68,7 +68,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from parallel.mesh import check_cp
-from parallel.pieces import pieces_of
+from parallel.pieces import batch_layout
 from parallel.segments import QUERY_BLOCK, SegmentPlan, piece_plan
 from tools.benchutil import OneLineErrorParser, positive_int
 from trainer.config import JobConfig, job_config
@@ -255,8 +255,9 @@ def _mask_elements(shift: int, queries: int) -> int:
 def _rank_plans(seq_len: int, cp: int, load_balance: str) -> tuple[SegmentPlan, ...]:
     """The all-gather attention's segment plan of every rank, one document per sequence."""
     positions = torch.arange(seq_len).unsqueeze(0)
-    buffer = [piece for rank in range(cp) for piece in pieces_of(rank, cp, load_balance)]
-    return tuple(piece_plan(positions, list(pieces_of(rank, cp, load_balance)), buffer) for rank in range(cp))
+    layout = batch_layout(load_balance, cp, positions)
+    buffer = [piece for pieces in layout for piece in pieces]
+    return tuple(piece_plan(positions, list(pieces), buffer) for pieces in layout)
 
 
 def kept_key_tokens(plan: SegmentPlan, seq_len: int, cuda: bool) -> int:

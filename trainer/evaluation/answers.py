@@ -14,7 +14,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from parallel.sharding import shard_batch, unshard
+from parallel.sharding import unshard
 
 
 @torch.no_grad()
@@ -29,10 +29,7 @@ def answer_accuracy(step_model, dataset, count: int, ranks, distance_edges: tupl
     for index in range(ranks.dp_rank * per_rank, (ranks.dp_rank + 1) * per_rank):
         sample = dataset.sample(index)
         batch = {"input_ids": sample.input_ids, "position_ids": sample.position_ids}
-        local = {
-            k: v.to(ranks.device)
-            for k, v in shard_batch(batch, ranks.cp_rank, ranks.cp_size, ranks.load_balance).items()
-        }
+        local = {k: v.to(ranks.device) for k, v in ranks.shard(batch).items()}
         predicted = _gather_sequence(step_model(local["input_ids"], local["position_ids"]), ranks).cpu()
         for answer in sample.answers:
             bucket = bisect.bisect_right(distance_edges, answer.distance)
@@ -62,4 +59,4 @@ def _gather_sequence(local: torch.Tensor, ranks) -> torch.Tensor:
         return local
     parts = [torch.empty_like(local) for _ in range(ranks.cp_size)]
     dist.all_gather(parts, local, group=ranks.cp_group)
-    return unshard(parts, ranks.load_balance)
+    return unshard(parts, ranks.cp.layout)

@@ -193,6 +193,27 @@ class _ChunkScan(torch.autograd.Function):
         )
 
 
+def state_transfer(
+    z: torch.Tensor, v: torch.Tensor, layout: ChunkLayout, lr: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (committed, pending) state a sequence scanned from zero leaves, `chunk_scan`'s final state,
+    without its reads: under CP it is what the next pieces need, so it is computed first and sent while
+    the local scan runs. Only the last document writes into it: its closed chunks (committed) and the
+    chunk still open at the end (pending), one product each."""
+    acc = accumulation_dtype(z.dtype)
+    shape = (z.shape[0], v.shape[-1], z.shape[-1])
+    committed, pending = z.new_zeros(shape, dtype=acc), z.new_zeros(shape, dtype=acc)
+    for group in layout.groups:
+        segments = group.segments
+        first = max((i for i, seg in enumerate(segments) if seg.resets), default=0)
+        closing = [seg.end for seg in segments[first:] if seg.closes]
+        start, split = segments[first].start, closing[-1] if closing else segments[first].start
+        zg, vg = z[group.rows].to(acc), v[group.rows].to(acc)
+        committed[group.rows] = lr * (vg[:, start:split].mT @ zg[:, start:split])
+        pending[group.rows] = lr * (vg[:, split:].mT @ zg[:, split:])
+    return committed, pending
+
+
 def read_incoming_state(
     z: torch.Tensor, layout: ChunkLayout, committed: torch.Tensor, pending: torch.Tensor
 ) -> torch.Tensor:

@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 from parallel.halo import halo_rows
-from parallel.state_scan import exclusive_state_scan
+from parallel.pieces import as_cp_group
+from parallel.state_scan import exclusive_state_scan, state_scan_in_flight
 from trainer.ttt.config import TTTConfig
 from trainer.ttt.context import TTTContext
-from trainer.ttt.fastweight import chunk_scan, gated_mean, read_incoming_state, write_keys
+from trainer.ttt.fastweight import chunk_scan, gated_mean, read_incoming_state, state_transfer, write_keys
 from trainer.ttt.layout import single_document_layout
 from trainer.ttt.targets import value_targets
 
@@ -100,9 +101,16 @@ class FastWeightMLP(nn.Module):
             return fast, committed
         # Context parallel: scan the shard from zero, pass states across ranks, add what the incoming
         # state contributes to this shard's first document.
-        fast, (committed, pending) = chunk_scan(keys, values, layout, lr)
+        cp = as_cp_group(cp_group)
         resets = layout.doc_start.any(dim=1)
-        incoming = exclusive_state_scan(committed, pending, resets, cp_group)
+        if cp.overlap:  # the pieces' states first, sent while the local scan runs
+            committed, pending = state_transfer(keys, values, layout, lr)
+            incoming, (fast, _) = state_scan_in_flight(
+                committed, pending, resets, cp, lambda: chunk_scan(keys, values, layout, lr)
+            )
+        else:
+            fast, (committed, pending) = chunk_scan(keys, values, layout, lr)
+            incoming = exclusive_state_scan(committed, pending, resets, cp)
         return fast + read_incoming_state(keys, layout, *incoming), committed
 
     def _values(self, source: torch.Tensor, target_layout) -> torch.Tensor:

@@ -1,0 +1,72 @@
+"""`python -m tools.gpu_check` without a GPU: its CPU checks pass, its measurements are skipped, and a broken
+implementation fails its check and the command."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tools.gpu_check as gpu_check
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_without_a_gpu_it_runs_the_cpu_checks_and_skips_the_measurements(tmp_path):
+    out = tmp_path / "report.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, even on a machine with a GPU
+    command = [sys.executable, "-m", "tools.gpu_check", "--out", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert gpu_check.NO_GPU_LINE in run.stdout.splitlines()
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["torch"] == torch.__version__ and report["passed"]
+    rows = {row["name"]: row for row in report["results"]}
+    checks = [check.name for check in gpu_check.device_checks(torch.device("cpu"))]
+    assert list(rows) == [*checks, *gpu_check.MEASUREMENTS]
+    triton = importlib.util.find_spec("triton") is not None
+    for name in checks:
+        expected = "skip" if "Triton" in name and not triton else "pass"
+        assert rows[name]["status"] == expected, rows[name]
+        if expected == "pass":
+            assert 0 <= rows[name]["value"] <= rows[name]["data"]["tolerance"]
+    assert all(rows[name]["status"] == "skip" for name in gpu_check.MEASUREMENTS)
+
+
+def _perturbed(function, factor: float):
+    """`function` with its first output scaled: a small, plausible bug."""
+
+    def broken(*args, **kwargs):
+        out = function(*args, **kwargs)
+        return (out[0] * factor, *out[1:]) if isinstance(out, tuple) else out * factor
+
+    return broken
+
+
+BROKEN = {"attention": ("segment_attention", 0), "window": ("segment_attention", 1), "scan": ("chunk_scan", 3)}
+
+
+@pytest.mark.parametrize("name, check", BROKEN.values(), ids=BROKEN.keys())
+def test_a_perturbed_implementation_fails_its_check(monkeypatch, name, check):
+    monkeypatch.setattr(gpu_check, name, _perturbed(getattr(gpu_check, name), 1 + 1e-3))
+    result = gpu_check.run_check(gpu_check.device_checks(torch.device("cpu"))[check])
+    assert result.status == "fail" and result.value > result.data["tolerance"], result
+
+
+def test_a_failing_check_fails_the_command(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu_check, "chunk_scan", _perturbed(gpu_check.chunk_scan, 1 + 1e-3))
+    monkeypatch.setattr(gpu_check, "interpreted_triton_loss_errors", lambda: {"out": 0.0})  # spare a child process
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--out", str(tmp_path / "report.json")])
+    assert exit_info.value.code == 1
+    assert "| chunk scan, fp32 vs fp64 |" in capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert not report["passed"]
+    assert [row["name"] for row in report["results"] if row["status"] == "fail"] == ["chunk scan, fp32 vs fp64"]
