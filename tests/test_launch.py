@@ -1,10 +1,12 @@
-"""launch/ end to end on CPU: a worker killed under torchrun --max-restarts comes back and resumes on its own."""
+"""launch/ end to end on CPU: a worker killed under torchrun --max-restarts comes back and resumes on its own; the
+Slurm script (with stand-ins for srun and scontrol) saves before its time limit, requeues itself and resumes."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -86,3 +88,53 @@ def test_killed_worker_is_restarted_and_resumes_from_the_latest_checkpoint(tmp_p
     assert resumed[1] == resumed[2] and EVERY <= int(resumed[2]) < STEPS
     assert [row["step"] for row in metrics(run_dir)] == list(range(1, STEPS + 1))  # the redone steps replace the old
     assert (run_dir / "checkpoints" / f"step-{STEPS}" / "meta.json").exists()
+
+
+def _fake_slurm(bin_dir: Path, log: Path) -> None:
+    """`srun` that runs its command once, as node 0 (signals reach it directly: it execs), and `scontrol` that
+    names this machine the job's only node and records what else it is asked."""
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        '#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexport SLURM_NODEID=0\nexec "$@"\n'
+    )
+    (bin_dir / "scontrol").write_text(
+        f'#!/usr/bin/env bash\nif [[ "$1" == show ]]; then echo localhost; else echo "$@" >> {log}; fi\n'
+    )
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+
+
+def test_sbatch_saves_before_the_time_limit_and_requeues_itself(tmp_path):
+    """Slurm's --requeue does not bring a job back from its time limit: on the SIGUSR1 that --signal=B:USR1@120
+    sends the batch script, it has the trainer save, then requeues the job; the requeued job resumes."""
+    run_dir, log, requeued = tmp_path / "run", tmp_path / "job.log", tmp_path / "scontrol.log"
+    _fake_slurm(tmp_path / "bin", requeued)
+    with socket.socket() as probe:  # a free port for the job's rendezvous
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost", "NPROC": "2", "MASTER_PORT": str(port),
+           "RUN_DIR": str(run_dir), "WANDB_SILENT": "true"}  # fmt: skip
+    args = ["experiment=smoke", f"train.steps={STEPS}", "checkpoint.every=100", "logging.wandb.mode=disabled"]
+    script = [str(REPO / "launch" / "slurm.sbatch"), *args]
+    with log.open("w") as out:
+        job = subprocess.Popen(script, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 90
+            while not ((run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2):
+                assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+                time.sleep(0.05)
+            job.send_signal(signal.SIGUSR1)  # what Slurm does 120 s before the time limit
+            job.wait(timeout=90)
+        finally:
+            if job.poll() is None:
+                _kill_all(job)
+    assert requeued.read_text().splitlines() == ["requeue 4242"], log.read_text()[-4000:]
+    (saved,) = (p.name for p in (run_dir / "checkpoints").iterdir())
+    assert saved == f"step-{len(metrics(run_dir))}" and len(metrics(run_dir)) < STEPS
+    # Slurm runs the requeued job's script again, with the same job id: it resumes from that checkpoint.
+    again = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"resumed from {run_dir}/checkpoints/{saved} at step {saved.split('-')[1]}" in again.stderr
+    assert [row["step"] for row in metrics(run_dir)] == list(range(1, STEPS + 1))
+    assert requeued.read_text().splitlines() == ["requeue 4242"]  # a job that ends in time is not requeued

@@ -17,12 +17,14 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from parallel.attention import KINDS as ATTENTION_KINDS
 from parallel.engine import ENGINES
-from parallel.pieces import LOAD_BALANCES
+from parallel.pieces import LOAD_BALANCES, pieces_per_rank
+from trainer.data.synthetic import GENERATORS
 from trainer.ttt import TTTConfig
 
 WANDB_MODES = ("online", "offline", "disabled")
 DTYPES = ("float32", "bfloat16", "float64")
 AUTO_EVAL_EVERY = 100  # eval.every=auto on a generated task with answers
+OBJECTIVES = {"loss": "loss", "accuracy": "eval/accuracy"}  # `objective` -> metric; ttt-train returns its last value
 
 
 class ConfigError(ValueError):
@@ -44,9 +46,10 @@ class ParallelConfig:
     nproc_per_node: int  # processes this job launches itself when not started by torchrun
     engine: str
     attention: str
-    load_balance: str  # headtail (rank r holds pieces r and 2P-1-r of 2P) | contiguous
+    load_balance: str  # headtail (rank r holds pieces r and 2P-1-r of 2P) | contiguous | work (8P pieces by work)
     zero_stage: int  # deepspeed only: 2 or 3
     offload: bool  # deepspeed only: optimizer states in CPU memory
+    overlap_state_scan: bool  # the fast-weight state scan's messages fly while the local chunk scan runs
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ class JobConfig:
     train: TrainConfig
     checkpoint: CheckpointConfig
     eval: EvalConfig
+    objective: str  # what the Hydra app returns to a sweeper: a key of OBJECTIVES
     raw: dict[str, Any] = field(repr=False, compare=False)  # the resolved tree, for logging
 
 
@@ -221,18 +225,20 @@ def job_config(cfg: DictConfig | dict) -> JobConfig:
         load_balance=_choice(par, "load_balance", "parallel", LOAD_BALANCES),
         zero_stage=zero_stage,
         offload=bool(par.get("offload", False)),
+        overlap_state_scan=bool(par.get("overlap_state_scan", False)),
     )
     seq_len = _int(data, "seq_len", "data")
     multiple = parallel_cfg.cp * ttt_cfg.chunk_size if ttt_cfg.method != "none" else parallel_cfg.cp
     _require(
         seq_len % multiple == 0, "data.seq_len", f"a multiple of parallel.cp x ttt.chunk_size = {multiple}", seq_len
     )
-    if cp > 1 and parallel_cfg.load_balance == "headtail":
+    per_rank = pieces_per_rank(parallel_cfg.load_balance)
+    if cp > 1:
         _require(
-            seq_len % (2 * multiple) == 0,
+            seq_len % (per_rank * multiple) == 0,
             "parallel.load_balance",
-            f"contiguous, or headtail with data.seq_len a multiple of 2 x parallel.cp x ttt.chunk_size = {2 * multiple}"
-            f" (data.seq_len={seq_len})",
+            f"contiguous, or {parallel_cfg.load_balance} with data.seq_len a multiple of {per_rank} x parallel.cp x "
+            f"ttt.chunk_size = {per_rank * multiple} (data.seq_len={seq_len})",
             parallel_cfg.load_balance,
         )
     data_cfg = DataConfig(
@@ -297,8 +303,14 @@ def job_config(cfg: DictConfig | dict) -> JobConfig:
         seed=_int(evaluation, "seed", "eval", minimum=0),
         distance_edges=tuple(edges),
     )
+    objective = tree.get("objective", "loss")  # configs of runs made before the key existed: loss
+    _require(objective in OBJECTIVES, "objective", f"one of {', '.join(OBJECTIVES)}", objective)
+    if objective == "accuracy":
+        evaluates = eval_cfg.interval(has_answers=data_cfg.name in GENERATORS) > 0
+        _require(evaluates, "objective", "loss when the run does not evaluate (eval.every=0 or data=corpus)", objective)
     seed = tree.get("seed")
     _require(isinstance(seed, int) and not isinstance(seed, bool), "seed", "an integer", seed)
     return JobConfig(
-        seed, model_cfg, ttt_cfg, parallel_cfg, data_cfg, optim_cfg, wandb_cfg, train_cfg, ckpt_cfg, eval_cfg, tree
-    )
+        seed, model_cfg, ttt_cfg, parallel_cfg, data_cfg, optim_cfg, wandb_cfg, train_cfg, ckpt_cfg, eval_cfg,
+        objective, tree,
+    )  # fmt: skip

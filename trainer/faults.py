@@ -1,5 +1,5 @@
-"""Preemption signals: SIGTERM / SIGUSR1 (Slurm sends them before killing a job) ask the loop to
-save a checkpoint and exit cleanly after the current step."""
+"""Preemption signals: SIGTERM / SIGUSR1 (Slurm sends them before killing a job), and a submitit job's own
+signal (trainer/cluster.py), ask the loop to save a checkpoint and exit cleanly after the current step."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch.distributed as dist
 class PreemptionFlag:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
+    def __init__(self, extra_signals: tuple[signal.Signals, ...] = ()):
         self.received: int | None = None
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
+        # The handlers the flag takes the signals from: a scheduler's gets its signal once the checkpoint is saved.
+        self.displaced = {sig: signal.signal(sig, self._handle) for sig in (*self.SIGNALS, *extra_signals)}
 
     def _handle(self, signum, frame) -> None:
         self.received = signum

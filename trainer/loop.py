@@ -7,6 +7,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from parallel.context_parallel import apply_cp
 from parallel.engine import apply_fsdp, init_deepspeed, sync_gradients
 from parallel.mesh import build_mesh
+from parallel.pieces import CPGroup
 from parallel.sharding import IGNORE_INDEX, shard_batch
 from trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from trainer.config import JobConfig
@@ -46,18 +48,24 @@ class Ranks:
     dp_group: object
     cp_group: object
     device: torch.device
-    load_balance: str = "contiguous"  # which pieces of each sequence a CP rank holds (parallel.pieces)
+    cp: CPGroup | None = None  # the CP group and which pieces of each sequence its ranks hold (cp > 1)
+
+    def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's shard of a batch of whole sequences, laid out for this batch (`CPGroup.arrange`)."""
+        layout = "contiguous" if self.cp is None else self.cp.arrange(batch["position_ids"])
+        return shard_batch(batch, self.cp_rank, self.cp_size, layout)
 
 
-def setup_ranks(cp: int, load_balance: str = "contiguous") -> Ranks:
+def setup_ranks(cp: int, load_balance: str = "contiguous", overlap_state_scan: bool = False) -> Ranks:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return Ranks(0, 1, 0, 1, 0, 1, None, None, device)
     mesh = build_mesh(cp, device.type)
+    cp_group = CPGroup(mesh["cp"].get_group(), load_balance, overlap_state_scan) if cp > 1 else None
     return Ranks(
         dist.get_rank(), dist.get_world_size(), mesh["dp"].get_local_rank(), mesh["dp"].size(),
         mesh["cp"].get_local_rank(), mesh["cp"].size(), mesh["dp"].get_group(), mesh["cp"].get_group(), device,
-        load_balance if cp > 1 else "contiguous",
+        cp_group,
     )  # fmt: skip
 
 
@@ -89,10 +97,7 @@ def train_step(step_model, optimizer, loader: SequenceLoader, job: JobConfig, ra
         last = micro == len(batches) - 1
         if engine == "fsdp2":  # reduce-scatter gradients once, after the last micro-batch
             step_model.set_requires_gradient_sync(last)
-        local = {
-            k: v.to(ranks.device)
-            for k, v in shard_batch(batch, ranks.cp_rank, ranks.cp_size, ranks.load_balance).items()
-        }
+        local = {k: v.to(ranks.device) for k, v in ranks.shard(batch).items()}
         with autocast:
             ce = step_model(local["input_ids"], local["position_ids"], local["labels"])
         loss_sum += ce.detach()
@@ -138,14 +143,23 @@ def _accuracy_line(evaluation: dict, dataset) -> str:
     return line if chance is None else f"{line}; chance: {chance:.3g}"
 
 
-def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path | None:
-    """Train `job` in `run_dir`; returns the last checkpoint written."""
-    ranks = setup_ranks(job.parallel.cp, job.parallel.load_balance)
-    run_dir.mkdir(parents=True, exist_ok=True)
+class Training(NamedTuple):
+    """What a job trains: the model, the module a step calls (loss attached, maybe wrapped by the engine),
+    its optimizer, and the DeepSpeed engine when there is one."""
+
+    model: torch.nn.Module
+    step_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    deepspeed_engine: object | None
+
+
+def build_training(job: JobConfig, ranks: Ranks) -> Training:
+    """The model of `job` on this rank: built on the meta device, context-parallel and checkpointed as
+    configured, materialised (sharded by FSDP2 when that is the engine), pretrained weights loaded."""
     engine = job.parallel.engine if ranks.world > 1 else "single"
     model = build_meta_model(job.model, job.ttt, master_dtype(job.model.dtype, ranks.device, engine))
-    if ranks.cp_size > 1:
-        apply_cp(model, ranks.cp_group, job.parallel.attention, ranks.load_balance)
+    if ranks.cp is not None:
+        apply_cp(model, ranks.cp, job.parallel.attention)
     if job.train.activation_checkpointing:
         enable_activation_checkpointing(model, job.train.checkpoint_every_n_layers)
     step_model = CausalLMLoss(model)
@@ -158,13 +172,23 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
         load_pretrained(model, job.model.path)
     step_model.train()
     optimizer = build_optimizer(model, job.optim)
-    deepspeed_engine = None
-    if engine == "deepspeed":
-        step_model, optimizer = init_deepspeed(
-            step_model, optimizer, job.data.batch_size, job.train.grad_accum, job.train.grad_clip,
-            job.parallel.zero_stage, job.parallel.offload,
-        )  # fmt: skip
-        deepspeed_engine = step_model
+    if engine != "deepspeed":
+        return Training(model, step_model, optimizer, None)
+    engine_model, optimizer = init_deepspeed(
+        step_model, optimizer, job.data.batch_size, job.train.grad_accum, job.train.grad_clip,
+        job.parallel.zero_stage, job.parallel.offload,
+    )  # fmt: skip
+    return Training(model, engine_model, optimizer, engine_model)
+
+
+def run(
+    job: JobConfig, run_dir: Path, wandb_group: str | None = None, preemption: PreemptionFlag | None = None
+) -> Path | None:
+    """Train `job` in `run_dir`; returns the last checkpoint written. A signal that `preemption` (by default one
+    for SIGTERM and SIGUSR1) catches saves a checkpoint after the current step and ends training there."""
+    ranks = setup_ranks(job.parallel.cp, job.parallel.load_balance, job.parallel.overlap_state_scan)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model, step_model, optimizer, deepspeed_engine = build_training(job, ranks)
     vocab_size = model.config.vocab_size
     options = sizes_only(job.data.name, job.data.options)  # start-up (trainer/preflight.py) hashed the shards
     dataset = build_dataset(job.data.name, job.data.seq_len, vocab_size, job.seed, options)
@@ -187,7 +211,8 @@ def run(job: JobConfig, run_dir: Path, wandb_group: str | None = None) -> Path |
     metrics = MetricsFile(run_dir / "metrics.jsonl", start) if lead else None
     wandb_cfg = replace(job.wandb, group=wandb_group or job.wandb.group)
     wandb = WandbRun(wandb_cfg, run_dir, job.raw, wandb_id, run_dir.name) if lead else None
-    preemption = PreemptionFlag()
+    if preemption is None:
+        preemption = PreemptionFlag()
     tokens_per_step = job.data.seq_len * job.data.batch_size * ranks.dp_size * job.train.grad_accum
     progress = tqdm(
         total=job.train.steps, initial=start, disable=not (lead and job.train.progress), unit="step", mininterval=2

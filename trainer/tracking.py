@@ -38,6 +38,14 @@ class MetricsFile:
             f.write(json.dumps(record) + "\n")
 
 
+def last_recorded(path: Path, key: str) -> float | None:
+    """The last value of `key` in a metrics.jsonl; None when no step recorded it."""
+    if not path.exists():  # e.g. a run resumed from the checkpoint of its last step: nothing left to train
+        return None
+    values = [row[key] for row in map(json.loads, path.read_text().splitlines()) if key in row]
+    return values[-1] if values else None
+
+
 class WandbRun:
     def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict, run_id: str | None, name: str):
         self.run = None

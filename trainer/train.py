@@ -1,8 +1,12 @@
 """`ttt-train` (== `python -m trainer.train`): the Hydra app that configures and launches a training job.
 
-- Under torchrun every rank composes the same config; rank 0's run directory is used by all.
-- Outside torchrun with `parallel.nproc_per_node > 1` the job starts its own local workers through
+- Under torchrun every rank composes the same config; rank 0's run directory is used by all. So do the
+  tasks of a job that submitit started (`hydra/launcher=slurm` or `local_jobs`): each is one rank of the
+  job's process group (trainer/cluster.py).
+- Otherwise, with `parallel.nproc_per_node > 1`, the job starts its own local workers through
   torch's elastic launcher, so a multirun sweep of context-parallel jobs works from one command.
+- The app returns the job's `objective` (the last loss or eval/accuracy, read back from metrics.jsonl
+  on rank 0), which a sweeper such as Optuna's minimises or maximises.
 - Bad configuration values and bad inputs (trainer/preflight.py) end the program with one line on
   stderr and exit code 2, before any worker starts. Under torchrun the process group is started
   first, so that the ranks share the start-up hashing; rank 0 alone prints.
@@ -10,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import uuid
@@ -24,11 +29,30 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from trainer.config import ConfigError, job_config
+from trainer.cluster import join_job_ranks, leave_preempted, preemption_signals
+from trainer.config import OBJECTIVES, ConfigError, job_config
+from trainer.faults import PreemptionFlag
+from trainer.tracking import last_recorded
+
+# Configs that need a plugin of the `cluster` extra; without it Hydra fails while composing them, with a page of
+# config search paths.
+_PLUGIN_CONFIGS = {
+    "hydra/launcher=slurm": "hydra_submitit_launcher",
+    "hydra/launcher=local_jobs": "hydra_submitit_launcher",
+    "hydra/sweeper=optuna": "hydra_optuna_sweeper",
+    "experiment=search": "hydra_optuna_sweeper",
+}
+_SEARCH_DIRECTIONS = {"loss": "minimize", "accuracy": "maximize"}
 
 
-def _under_torchrun() -> bool:
+def _ranks_started_for_us() -> bool:
+    """This process is one rank of a job whose processes were started for it: by torchrun, or as the tasks of
+    a submitit job (`join_job_ranks` exported their ranks)."""
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
 
 
 def _multi_process() -> bool:
@@ -38,8 +62,8 @@ def _multi_process() -> bool:
 def _start_ranks(job, run_dir: str) -> str:
     """Join the job's process group; returns rank 0's run directory, which every rank writes under."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if torch.cuda.is_available():  # modulo: a Slurm task bound to its own GPU sees that one only
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     dist.init_process_group(backend)
     if dist.get_world_size() % job.parallel.cp:
         raise ConfigError(f"parallel.cp={job.parallel.cp} does not divide the world size {dist.get_world_size()}")
@@ -55,13 +79,16 @@ def worker(tree: dict, run_dir: str, wandb_group: str | None) -> None:
     job = job_config(tree)
     if _multi_process() and not dist.is_initialized():  # a self-launched worker
         run_dir = _start_ranks(job, run_dir)
+    preemption = PreemptionFlag(preemption_signals())
     try:
-        run(job, Path(run_dir), wandb_group)
+        run(job, Path(run_dir), wandb_group, preemption)
         if dist.is_initialized():
             dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if preemption.received is not None:
+        leave_preempted(preemption.received, preemption.displaced[preemption.received])
 
 
 def _launch_local(tree: dict, run_dir: str, wandb_group: str | None, nproc: int) -> None:
@@ -74,26 +101,37 @@ def _launch_local(tree: dict, run_dir: str, wandb_group: str | None, nproc: int)
 
 def _say(line: str) -> None:
     """One line on stderr, from rank 0 only (every rank of a torchrun job runs the start-up checks)."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if _rank() == 0:
         print(line, file=sys.stderr)
 
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
+def _check_search_direction(sweeper: DictConfig, objective: str) -> None:
+    """A search (hydra/sweeper=optuna) must go the objective's way: down for the loss, up for the accuracy."""
+    direction = sweeper.get("direction")
+    direction = getattr(direction, "name", direction)  # the sweeper's schema holds an enum, a YAML file a string
+    wanted = _SEARCH_DIRECTIONS[objective]
+    if isinstance(direction, str) and direction != wanted:
+        raise ConfigError(f"hydra.sweeper.direction must be {wanted} for objective={objective}, got {direction!r}")
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     from trainer.preflight import check_inputs  # imports transformers: after Hydra parsed the command line
 
+    join_job_ranks()  # a task of a submitit job is one rank, as a torchrun worker is
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     try:
         job = job_config(cfg)
-        if not _under_torchrun() and job.parallel.nproc_per_node % job.parallel.cp:
+        _check_search_direction(hydra_cfg.sweeper, job.objective)
+        if not _ranks_started_for_us() and job.parallel.nproc_per_node % job.parallel.cp:
             raise ConfigError(
                 f"parallel.cp={job.parallel.cp} does not divide parallel.nproc_per_node={job.parallel.nproc_per_node}"
             )
-        if _under_torchrun() and _multi_process():
+        if _ranks_started_for_us() and _multi_process():
             run_dir = _start_ranks(job, run_dir)
         resume = check_inputs(job, Path(run_dir), _say)
     except ConfigError as err:
@@ -105,16 +143,37 @@ def main(cfg: DictConfig) -> None:
     tree["checkpoint"]["resume"] = None if resume is None else str(resume)  # the verified one, not "auto"
     sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
     wandb_group = job.wandb.group or sweep
-    if _under_torchrun() or job.parallel.nproc_per_node == 1:
+    if _ranks_started_for_us() or job.parallel.nproc_per_node == 1:
         worker(tree, run_dir, wandb_group)
-        return
+    else:
+        try:
+            _launch_local(tree, run_dir, wandb_group, job.parallel.nproc_per_node)
+        except ChildFailedError as err:
+            first = next(iter(err.failures.values()))
+            print(f"error: a worker failed (exit code {first.exitcode}); see its output above", file=sys.stderr)
+            sys.exit(1)
+    if _rank() != 0:
+        return None
+    return last_recorded(Path(run_dir) / "metrics.jsonl", OBJECTIVES[job.objective])
+
+
+def _installed(module: str) -> bool:
     try:
-        _launch_local(tree, run_dir, wandb_group, job.parallel.nproc_per_node)
-    except ChildFailedError as err:
-        first = next(iter(err.failures.values()))
-        print(f"error: a worker failed (exit code {first.exitcode}); see its output above", file=sys.stderr)
-        sys.exit(1)
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # not even the hydra_plugins namespace
+        return False
+
+
+def cli() -> None:
+    """`ttt-train`: the Hydra app, after checking that the plugins the command line's configs need are there."""
+    for arg in sys.argv[1:]:
+        plugin = _PLUGIN_CONFIGS.get(arg)
+        if plugin is not None and not _installed(f"hydra_plugins.{plugin}"):
+            name = plugin.replace("_", "-")
+            print(f'error: {arg} needs the {name} plugin: pip install -e ".[cluster]"', file=sys.stderr)
+            sys.exit(2)
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    cli()
