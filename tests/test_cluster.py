@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from test_train import cli, compose_job, metrics, wandb_history_file
 
 import trainer.train
-from trainer.cluster import MASTER_PORTS, join_job_ranks, preemption_signals
+from trainer.cluster import MASTER_PORTS, default_resume, join_job_ranks, preemption_signals
 from trainer.config import ConfigError
 from trainer.tracking import last_recorded
 from trainer.train import CONF_DIR
@@ -66,6 +66,8 @@ def test_slurm_task_environment_maps_to_ranks_and_rendezvous(monkeypatch):
     points = {exported(monkeypatch, slurm_task("4243", 0, 0, array_task=a))["MASTER_PORT"] for a in "0123"}
     assert len(points) == 4
     assert preemption_signals() == (signal.SIGUSR2,)  # submitit's sbatch asks for --signal=USR2@<delay>
+    # A job the scheduler may requeue continues from its checkpoints unless told which one to read.
+    assert (default_resume(None), default_resume("/ckpt/step-3")) == ("auto", "/ckpt/step-3")
 
 
 def test_local_executor_task_environment_and_single_task_jobs(monkeypatch):
@@ -76,7 +78,7 @@ def test_local_executor_task_environment_and_single_task_jobs(monkeypatch):
     assert task["MASTER_ADDR"] == socket.gethostname()
     # One task: nothing to join (the job self-launches parallel.nproc_per_node workers, as outside submitit).
     assert exported(monkeypatch, {**slurm_task("4244", 0, 0), "SLURM_NTASKS": "1", "SLURM_JOB_NUM_NODES": "1"}) == {}
-    assert exported(monkeypatch, {}) == {} and preemption_signals() == ()
+    assert exported(monkeypatch, {}) == {} and preemption_signals() == () and default_resume(None) is None
 
 
 def test_slurm_launcher_submits_one_array_of_multi_node_jobs(tmp_path, monkeypatch):
@@ -152,10 +154,11 @@ def _job_tasks(driver: psutil.Process) -> list[psutil.Process]:
 
 def test_signal_before_the_time_limit_saves_then_the_requeued_job_resumes(tmp_path):
     """What the local executor does `signal_delay_s` before `timeout_min`, and Slurm before a job's time limit:
-    SIGUSR2 to every task. The job saves, submitit requeues it, and it resumes in the same run directory."""
+    SIGUSR2 to every task. The job saves, submitit requeues it, and it resumes in the same run directory
+    (without checkpoint.resume=auto on the command line: a submitit job resumes by default)."""
     sweep, log, steps = tmp_path / "sweep", tmp_path / "driver.log", 40
     args = ["-m", "hydra/launcher=local_jobs", *TINY, f"train.steps={steps}", "checkpoint.every=100", "eval.every=0",
-            "checkpoint.resume=auto", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+            f"hydra.sweep.dir={sweep}"]  # fmt: skip
     with log.open("w") as out:
         driver = subprocess.Popen([sys.executable, "-m", "trainer.train", *args], stdout=out, stderr=subprocess.STDOUT,
                                   env={**os.environ, "WANDB_SILENT": "true"})  # fmt: skip

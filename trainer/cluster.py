@@ -9,7 +9,8 @@ Before a job's time limit (and on preemption, where Slurm is set up to signal it
 (SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise). The training loop takes that signal over, saves a
 checkpoint after the current step and stops; `leave_preempted` then gives the signal to submitit, which
 requeues the job (Slurm: `scontrol requeue`; the local executor restarts the tasks). The requeued job runs in
-the same run directory and resumes with `checkpoint.resume=auto`, continuing the same W&B run.
+the same run directory and resumes from its newest checkpoint (`checkpoint.resume` is auto in a submitit job
+unless set), continuing the same W&B run.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ def join_job_ranks() -> None:
     job = _job_environment()
     if job is not None and job.num_tasks > 1:
         os.environ.update(rendezvous(job))
+
+
+def default_resume(resume: str | None) -> str | None:
+    """`checkpoint.resume` for this process. A submitit job comes back after a requeue in its own run directory
+    and must continue there, not start again over its checkpoints: in such a job an unset value means auto
+    (a first start finds no checkpoint and starts fresh)."""
+    return "auto" if resume is None and _job_environment() is not None else resume
 
 
 def preemption_signals() -> tuple[signal.Signals, ...]:

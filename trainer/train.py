@@ -18,6 +18,7 @@ import importlib.util
 import os
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -29,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from trainer.cluster import join_job_ranks, leave_preempted, preemption_signals
+from trainer.cluster import default_resume, join_job_ranks, leave_preempted, preemption_signals
 from trainer.config import OBJECTIVES, ConfigError, job_config
 from trainer.faults import PreemptionFlag
 from trainer.tracking import last_recorded
@@ -126,6 +127,7 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = hydra_cfg.runtime.output_dir
     try:
         job = job_config(cfg)
+        job = replace(job, checkpoint=replace(job.checkpoint, resume=default_resume(job.checkpoint.resume)))
         _check_search_direction(hydra_cfg.sweeper, job.objective)
         if not _ranks_started_for_us() and job.parallel.nproc_per_node % job.parallel.cp:
             raise ConfigError(
