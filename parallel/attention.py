@@ -83,14 +83,14 @@ class _GatherSequence(torch.autograd.Function):
         ctx.group = group
         shards = x.movedim(2, 0).contiguous()  # the sequence dim first: collectives concatenate along dim 0
         gathered = shards.new_empty((shards.shape[0] * dist.get_world_size(group), *shards.shape[1:]))
-        dist.all_gather_into_tensor(gathered, shards, group=group)
+        dist.all_gather_single(gathered, shards, group=group)
         return gathered
 
     @staticmethod
     def backward(ctx, grad):
         grads = grad.contiguous()
         mine = grads.new_empty((grads.shape[0] // dist.get_world_size(ctx.group), *grads.shape[1:]))
-        dist.reduce_scatter_tensor(mine, grads, group=ctx.group)
+        dist.reduce_scatter_single(mine, grads, group=ctx.group)
         return mine.movedim(0, 2), None
 
 
