@@ -253,8 +253,8 @@ def device_checks(device: torch.device) -> list[Check]:
             Check(f"{name} (varlen), bf16", partial(attention, bf16, None), BF16_TOLERANCE),
             Check(f"{name} (varlen), bf16, window 1000", partial(attention, bf16, 1000), BF16_TOLERANCE),
             Check(f"{name} (varlen), fp32 inputs", partial(attention, fp32, None), BF16_TOLERANCE),
-            Check("Triton cross-entropy, bf16", partial(loss, bf16, bf16), BF16_TOLERANCE, no_triton),
-            Check("Triton cross-entropy, fp32 (as trained)", partial(loss, fp32, fp32), FP32_TOLERANCE, no_triton),
+            Check("Triton cross-entropy, bf16 (as trained)", partial(loss, bf16, bf16), BF16_TOLERANCE, no_triton),
+            Check("Triton cross-entropy, fp32", partial(loss, fp32, fp32), FP32_TOLERANCE, no_triton),
             Check("chunk scan, bf16 vs fp64", partial(scan, bf16), BF16_TOLERANCE),
         ]
     return [

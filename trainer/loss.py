@@ -30,8 +30,14 @@ def linear_cross_entropy(
     """Sum over tokens of CE(hidden @ weight^T, labels), ignoring IGNORE_INDEX; hidden (N, d), weight (V, d).
 
     CUDA tensors in bf16, fp16 or fp32 go to the Triton kernels (which ignore `chunk_size`); the rest,
-    CPU and fp64, to the chunked torch path.
+    CPU and fp64, to the chunked torch path. Under autocast the inputs are cast to its dtype first, as the
+    `nn.Linear` head this replaces would be (fp32 master weights would otherwise run the head in fp32).
     """
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):  # the cast autocast makes; then the loss's own precision, in fp32
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return linear_cross_entropy(hidden.to(dtype), weight.to(dtype), labels, chunk_size)
     if hidden.is_cuda and _triton_available() and torch.promote_types(hidden.dtype, weight.dtype) in _TRITON_DTYPES:
         from trainer.loss_triton import triton_linear_cross_entropy  # late: CPU runs never load triton
 
