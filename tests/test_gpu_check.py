@@ -70,3 +70,27 @@ def test_a_failing_check_fails_the_command(monkeypatch, tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     assert not report["passed"]
     assert [row["name"] for row in report["results"] if row["status"] == "fail"] == ["chunk scan, fp32 vs fp64"]
+
+
+def test_the_measurements_run_end_to_end_on_cpu_with_a_tiny_model(monkeypatch):
+    """The GPU measurements' plumbing (jobs, training steps, planner, rows), on the tiny model at short lengths
+    with torch.cuda's memory counters stubbed: a GPU lease is too short to find a crash in them there."""
+    counters = {"memory_allocated": 0, "max_memory_allocated": 3 << 20, "get_device_name": "NVIDIA H200"}
+    for name, value in counters.items():
+        monkeypatch.setattr(torch.cuda, name, lambda *args, value=value: value)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *args: type("GPU", (), {"total_memory": 1 << 36}))
+    sizes = {"OVERHEAD_MODEL": "tiny", "MFU_MODEL": "tiny", "SEQ_LEN": 128, "LADDER": (64, 128), "LONGEST_TARGET": 128}
+    for name, value in sizes.items():
+        monkeypatch.setattr(gpu_check, name, value)
+    monkeypatch.setattr(gpu_check, "WARMUP_STEPS", 1)
+    rows = {row.name: row for row in gpu_check.gpu_measurements(gpu_check.Deadline(float("inf")), None)}
+    assert set(gpu_check.MEASUREMENTS) <= set(rows)
+    assert all(row.status in ("pass", "fail", "info") for row in rows.values()), [r for r in rows.values()]
+    overhead, planner, mfu, longest = (rows[name] for name in gpu_check.MEASUREMENTS)
+    runs = [row.data for row in rows.values() if row.name.startswith("step time")]
+    assert [run["ttt"] for run in runs] == ["ntp", "none"] and all(len(run["step_s"]) == 3 for run in runs)
+    assert overhead.value == pytest.approx(runs[0]["median_step_s"] / runs[1]["median_step_s"])
+    assert planner.data["planned_bytes"] > 0 and planner.data["peak_bytes"] == 3 << 20
+    assert 0 < mfu.value < gpu_check.MFU_TARGET  # a CPU against an H200's peak
+    assert (longest.status, longest.value, longest.data["stopped"]) == ("pass", 128, "every length trained")
