@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.attention.varlen as varlen
 
 from parallel.pieces import pieces_of
-from parallel.segments import naive_document_attention, piece_plan, segment_attention
+from parallel.segments import _varlen, naive_document_attention, pack_keys, piece_plan, segment_attention
 from parallel.sharding import document_starts, shard
 
 HEADS, KV_HEADS, DIM = 4, 2, 8  # GQA
@@ -19,7 +20,7 @@ def _positions(lengths_per_row):
     return torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in lengths_per_row])
 
 
-def _rank_outputs(q, k, v, positions, size, load_balance, window):
+def _rank_outputs(q, k, v, positions, size, load_balance, window, attend=segment_attention):
     """Every rank's attention output (B, Lq, H, D) and its plan, from the global q, k, v."""
     shards = [pieces_of(rank, size, load_balance) for rank in range(size)]
     buffer = [piece for pieces in shards for piece in pieces]
@@ -29,7 +30,7 @@ def _rank_outputs(q, k, v, positions, size, load_balance, window):
     for rank, pieces in enumerate(shards):
         plan = piece_plan(positions, list(pieces), buffer, window)
         local_q = shard(q, rank, size, 2, load_balance)
-        results.append((segment_attention(local_q, keys, values, plan, DIM**-0.5), plan))
+        results.append((attend(local_q, keys, values, plan, DIM**-0.5), plan))
     return results
 
 
@@ -73,3 +74,48 @@ def test_contiguous_plan_reads_one_view_of_the_keys():
     plan = piece_plan(positions[:1], [1], [0, 1])
     assert plan.key_runs == ((0, 16, 48),)  # row 0 from the start of the document straddling 24
     assert [(s.q_lo, s.q_hi, s.k_lo, s.k_hi) for s in plan.segments] == [(0, 1, 0, 9), (1, 24, 9, 32)]
+
+
+def flash_varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale, window_size, enable_gqa):
+    """flash-attention's varlen semantics in fp64 on CPU: segment n's queries cu_seq_q[n]:cu_seq_q[n+1] against
+    its keys cu_seq_k[n]:cu_seq_k[n+1], causal aligned bottom-right, `window_size` (left, 0) keys back."""
+    left, right = window_size
+    assert right == 0 and enable_gqa == (query.shape[1] != key.shape[1])
+    outputs = []
+    for n in range(len(cu_seq_q) - 1):
+        q = query[cu_seq_q[n] : cu_seq_q[n + 1]].double().transpose(0, 1)
+        k = key[cu_seq_k[n] : cu_seq_k[n + 1]].double().transpose(0, 1)
+        v = value[cu_seq_k[n] : cu_seq_k[n + 1]].double().transpose(0, 1)
+        lq, lk = q.shape[1], k.shape[1]
+        assert lq <= max_q and lk <= max_k
+        i, j = torch.arange(lq)[:, None] + lk - lq, torch.arange(lk)[None, :]
+        visible = (j <= i) & ((j >= i - left) if left >= 0 else True)
+        k, v = (t.repeat_interleave(q.shape[0] // t.shape[0], dim=0) for t in (k, v))
+        scores = (q @ k.transpose(1, 2) * scale).masked_fill(~visible, float("-inf"))
+        outputs.append((scores.softmax(-1) @ v).transpose(0, 1))
+    return torch.cat(outputs)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("load_balance", ["contiguous", "headtail"])
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_the_cuda_kernels_arguments_reproduce_the_reference(packing, load_balance, window, monkeypatch):
+    """The CUDA path (`_varlen`: cu_seqlens, maxima, window, GQA of one varlen_attn call) with the kernel
+    replaced by its semantics in fp64: equal to the dense-mask reference on inputs that bf16 holds exactly
+    (the path hands the kernel bf16)."""
+    monkeypatch.setattr(varlen, "varlen_attn", flash_varlen_reference)
+    generator = torch.Generator().manual_seed(1)
+    positions = _positions(packing)
+    batch, seq = positions.shape
+    q, k, v = (
+        torch.randn(batch, h, seq, DIM, generator=generator).bfloat16().double() for h in (HEADS, KV_HEADS, KV_HEADS)
+    )
+    doc_ids = document_starts(positions).long().cumsum(dim=-1)
+    reference = naive_document_attention(q, k, v, 0, doc_ids, DIM**-0.5, 0.0, window)
+
+    def cuda_path(local_q, keys, values, plan, scale):
+        return _varlen(local_q, pack_keys(keys, plan), pack_keys(values, plan), plan, scale, 0.0)
+
+    for rank, (got, _) in enumerate(_rank_outputs(q, k, v, positions, 2, load_balance, window, cuda_path)):
+        expected = shard(reference, rank, 2, 2, load_balance).transpose(1, 2)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
