@@ -37,11 +37,6 @@ def fixed_layout(size: int, load_balance: str) -> Layout:
     return tuple(tuple(range(rank * n, (rank + 1) * n)) for rank in range(size))
 
 
-def pieces_of(rank: int, size: int, load_balance: str) -> tuple[int, ...]:
-    """Indices (in sequence order) of the pieces rank `rank` of `size` holds, in shard order."""
-    return fixed_layout(size, load_balance)[rank]
-
-
 def work_layout(position_ids: torch.Tensor, size: int, per_rank: int) -> Layout:
     """Pieces to ranks by causal attention work: a token at position p of its document attends p + 1
     keys. Longest-processing-time first under a count limit (every rank gets `per_rank` pieces); ties go
@@ -97,7 +92,7 @@ class CPGroup:
     def arrange(self, position_ids: torch.Tensor) -> Layout:
         """The layout of the batch with these global (B, S) positions, kept for its forward and backward."""
         if self.load_balance == "work":
-            self._layout = batch_layout(self.load_balance, self.size, position_ids)
+            self._layout = work_layout(position_ids, self.size, self.per_rank)
         return self.layout
 
     def pieces(self, rank: int | None = None) -> tuple[int, ...]:

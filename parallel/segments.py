@@ -118,6 +118,14 @@ def piece_plan(
     return build_segment_plan(starts, [tuple(span) for span in spans], key_spans, window)
 
 
+def layout_plans(positions: torch.Tensor, layout, window: int | None = None) -> tuple[SegmentPlan, ...]:
+    """Every rank's plan under the all-gather attention, for a layout (per rank, the pieces it holds:
+    `parallel.pieces`); the gather puts the ranks' shards one after another, so the key buffer holds the
+    pieces in layout order."""
+    buffer = [piece for pieces in layout for piece in pieces]
+    return tuple(piece_plan(positions, list(pieces), buffer, window) for pieces in layout)
+
+
 def pack_keys(buffer: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
     """(T_k, H, D) keys of the plan from a sequence-first (S, B, H, D) buffer; a view when one run."""
     parts = [buffer[start:end, row] for row, start, end in plan.key_runs]

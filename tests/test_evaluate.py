@@ -19,7 +19,7 @@ from trainer.model import CausalLMLoss, build_model
 from trainer.ttt import TTTConfig
 
 CPU = torch.device("cpu")
-SINGLE = Ranks(0, 1, 0, 1, 0, 1, None, None, CPU)
+SINGLE = Ranks(0, 1, 0, 1, 0, 1, None, CPU)
 TTT = TTTConfig(method="ntp", chunk_size=4)
 EDGES = (40, 80)
 
@@ -78,9 +78,9 @@ def _parallel_accuracy(rank, world, layout, expected):
     if layout == "cp":  # pieces placed by work: 16 pieces of 8 tokens, a layout per sequence
         cp = CPGroup(group, "work")
         apply_cp(step_model.lm, cp, "allgather")
-        ranks = Ranks(rank, world, 0, 1, rank, world, None, group, CPU, cp)
+        ranks = Ranks(rank, world, 0, 1, rank, world, None, CPU, cp)
     else:
-        ranks = Ranks(rank, world, rank, world, 0, 1, group, None, CPU)
+        ranks = Ranks(rank, world, rank, world, 0, 1, group, CPU)
     assert answer_accuracy(step_model, task(), 6, ranks, EDGES) == expected
 
 

@@ -6,8 +6,15 @@ import pytest
 import torch
 import torch.nn.attention.varlen as varlen
 
-from parallel.pieces import pieces_of
-from parallel.segments import _varlen, naive_document_attention, pack_keys, piece_plan, segment_attention
+from parallel.pieces import fixed_layout
+from parallel.segments import (
+    _varlen,
+    layout_plans,
+    naive_document_attention,
+    pack_keys,
+    piece_plan,
+    segment_attention,
+)
 from parallel.sharding import document_starts, shard
 
 HEADS, KV_HEADS, DIM = 4, 2, 8  # GQA
@@ -22,16 +29,13 @@ def _positions(lengths_per_row):
 
 def _rank_outputs(q, k, v, positions, size, load_balance, window, attend=segment_attention):
     """Every rank's attention output (B, Lq, H, D) and its plan, from the global q, k, v."""
-    shards = [pieces_of(rank, size, load_balance) for rank in range(size)]
-    buffer = [piece for pieces in shards for piece in pieces]
     keys = torch.cat([shard(k, r, size, 2, load_balance) for r in range(size)], dim=2).movedim(2, 0)
     values = torch.cat([shard(v, r, size, 2, load_balance) for r in range(size)], dim=2).movedim(2, 0)
-    results = []
-    for rank, pieces in enumerate(shards):
-        plan = piece_plan(positions, list(pieces), buffer, window)
-        local_q = shard(q, rank, size, 2, load_balance)
-        results.append((attend(local_q, keys, values, plan, DIM**-0.5), plan))
-    return results
+    plans = layout_plans(positions, fixed_layout(size, load_balance), window)
+    return [
+        (attend(shard(q, rank, size, 2, load_balance), keys, values, plan, DIM**-0.5), plan)
+        for rank, plan in enumerate(plans)
+    ]
 
 
 @pytest.mark.parametrize("window", [None, 5])

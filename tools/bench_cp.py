@@ -69,7 +69,7 @@ from parallel.comm import LEDGER
 from parallel.context_parallel import apply_cp
 from parallel.mesh import check_cp
 from parallel.pieces import LOAD_BALANCES, batch_layout, pieces_per_rank
-from parallel.segments import piece_plan
+from parallel.segments import layout_plans
 from parallel.sharding import IGNORE_INDEX, next_token_labels, shard_batch
 from parallel.state_scan import scan_rounds
 from tools.benchutil import MIB, OneLineErrorParser, peak_bytes, positive_int
@@ -504,9 +504,7 @@ class Balance:
 
 def attention_balance(lengths: list[int], load_balance: str, ranks: int) -> Balance:
     positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
-    layout = batch_layout(load_balance, ranks, positions)
-    buffer = [piece for pieces in layout for piece in pieces]
-    plans = [piece_plan(positions, list(pieces), buffer) for pieces in layout]
+    plans = layout_plans(positions, batch_layout(load_balance, ranks, positions))
     arch = QWEN3[BALANCE_MODEL]
     per_token = 2 * arch.kv_heads * arch.head_dim * PROJECTION_ACTIVATION_BYTES
     kept = [kept_key_tokens(plan, len(positions[0]), cuda=True) for plan in plans]

@@ -69,8 +69,8 @@ from pathlib import Path
 
 import torch
 
-from parallel.pieces import pieces_of
-from parallel.segments import naive_document_attention, piece_plan, segment_attention
+from parallel.pieces import fixed_layout
+from parallel.segments import layout_plans, naive_document_attention, segment_attention
 from parallel.sharding import IGNORE_INDEX, document_starts, next_token_labels, shard
 from tools.benchutil import OneLineErrorParser, positive_int, synchronize
 from tools.plan_memory import GIB, compose_config, meta_model, model_facts, plan, setup_of
@@ -185,15 +185,14 @@ def attention_errors(device: torch.device, dtype: torch.dtype, window: int | Non
     want = naive_document_attention(*reference_inputs, 0, doc_ids, dim**-0.5, 0.0, window)
 
     size, balance = 2, "headtail"
-    shards = [pieces_of(rank, size, balance) for rank in range(size)]
-    buffer = [piece for pieces in shards for piece in pieces]
     keys, values = (
         torch.cat([shard(t, r, size, 2, balance) for r in range(size)], dim=2).movedim(2, 0) for t in (k, v)
     )
-    got = []
-    for rank, pieces in enumerate(shards):
-        plan = piece_plan(positions, list(pieces), buffer, window)
-        got.append(segment_attention(shard(q, rank, size, 2, balance), keys, values, plan, dim**-0.5))
+    plans = layout_plans(positions, fixed_layout(size, balance), window)
+    got = [
+        segment_attention(shard(q, rank, size, 2, balance), keys, values, plan, dim**-0.5)
+        for rank, plan in enumerate(plans)
+    ]
     want = torch.cat([shard(want, rank, size, 2, balance).transpose(1, 2) for rank in range(size)], dim=1)
     return _errors(torch.cat(got, dim=1), want, (q, k, v), reference_inputs, ("q", "k", "v"))
 

@@ -69,7 +69,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from parallel.mesh import check_cp
 from parallel.pieces import batch_layout
-from parallel.segments import QUERY_BLOCK, SegmentPlan, piece_plan
+from parallel.segments import QUERY_BLOCK, SegmentPlan, layout_plans
 from tools.benchutil import OneLineErrorParser, positive_int
 from trainer.config import JobConfig, job_config
 from trainer.loss import linear_cross_entropy
@@ -255,9 +255,7 @@ def _mask_elements(shift: int, queries: int) -> int:
 def _rank_plans(seq_len: int, cp: int, load_balance: str) -> tuple[SegmentPlan, ...]:
     """The all-gather attention's segment plan of every rank, one document per sequence."""
     positions = torch.arange(seq_len).unsqueeze(0)
-    layout = batch_layout(load_balance, cp, positions)
-    buffer = [piece for pieces in layout for piece in pieces]
-    return tuple(piece_plan(positions, list(pieces), buffer) for pieces in layout)
+    return layout_plans(positions, batch_layout(load_balance, cp, positions))
 
 
 def kept_key_tokens(plan: SegmentPlan, seq_len: int, cuda: bool) -> int:

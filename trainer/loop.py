@@ -46,7 +46,6 @@ class Ranks:
     cp_rank: int
     cp_size: int
     dp_group: object
-    cp_group: object
     device: torch.device
     cp: CPGroup | None = None  # the CP group and which pieces of each sequence its ranks hold (cp > 1)
 
@@ -59,13 +58,12 @@ class Ranks:
 def setup_ranks(cp: int, load_balance: str = "contiguous", overlap_state_scan: bool = False) -> Ranks:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return Ranks(0, 1, 0, 1, 0, 1, None, None, device)
+        return Ranks(0, 1, 0, 1, 0, 1, None, device)
     mesh = build_mesh(cp, device.type)
     cp_group = CPGroup(mesh["cp"].get_group(), load_balance, overlap_state_scan) if cp > 1 else None
     return Ranks(
         dist.get_rank(), dist.get_world_size(), mesh["dp"].get_local_rank(), mesh["dp"].size(),
-        mesh["cp"].get_local_rank(), mesh["cp"].size(), mesh["dp"].get_group(), mesh["cp"].get_group(), device,
-        cp_group,
+        mesh["cp"].get_local_rank(), mesh["cp"].size(), mesh["dp"].get_group(), device, cp_group,
     )  # fmt: skip
 
 

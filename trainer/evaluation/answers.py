@@ -58,5 +58,5 @@ def _gather_sequence(local: torch.Tensor, ranks) -> torch.Tensor:
     if ranks.cp_size == 1:
         return local
     parts = [torch.empty_like(local) for _ in range(ranks.cp_size)]
-    dist.all_gather(parts, local, group=ranks.cp_group)
+    dist.all_gather(parts, local, group=ranks.cp.group)
     return unshard(parts, ranks.cp.layout)
