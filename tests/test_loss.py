@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.loss import IGNORE_INDEX, linear_cross_entropy, naive_linear_cross_entropy
+from trainer.kernels.loss import IGNORE_INDEX, linear_cross_entropy, naive_linear_cross_entropy
 
 
 @pytest.mark.parametrize("tokens,chunk", [(37, 8), (64, 64), (5, 100)])

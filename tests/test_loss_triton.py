@@ -69,7 +69,7 @@ def _check_case(
 ) -> None:
     """grad_tol: tolerance of the gradients relative to their largest entry, instead of TIGHT."""
     from parallel.sharding import IGNORE_INDEX
-    from trainer.loss_triton import naive_linear_cross_entropy, triton_linear_cross_entropy
+    from trainer.kernels.loss_triton import naive_linear_cross_entropy, triton_linear_cross_entropy
 
     torch.manual_seed(0)
     hidden = torch.randn(n, d).to(hidden_dtype).requires_grad_()

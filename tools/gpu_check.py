@@ -9,7 +9,7 @@ gradient under a random cotangent; the row shows the largest, the JSON each):
   head-tail CP group of 2 in one process: packed documents straddling pieces, one starting on a piece
   edge, a one-document row, GQA, with and without a sliding window. CUDA: bf16 and fp32 inputs (the
   kernel computes in bf16 either way), tolerance 2e-2; CPU: fp64, 1e-10.
-- Triton cross-entropy (`trainer.loss_triton`) against `naive_linear_cross_entropy` in fp64, with ignored
+- Triton cross-entropy (`trainer.kernels.loss_triton`) against `naive_linear_cross_entropy` in fp64, with ignored
   labels and sizes that are not multiples of the blocks. CUDA: bf16 (tolerance 2e-2), and fp32 (1e-4),
   which is what the trainer calls under autocast (the final norm's fp32 output, the fp32 master head);
   CPU: fp32 under the Triton interpreter (TRITON_INTERPRET=1), 1e-4, skipped without triton.
@@ -75,8 +75,8 @@ from parallel.sharding import IGNORE_INDEX, document_starts, next_token_labels, 
 from tools.benchutil import OneLineErrorParser, positive_int, synchronize
 from tools.plan_memory import GIB, compose_config, meta_model, model_facts, plan, setup_of
 from trainer.config import JobConfig, job_config
+from trainer.kernels.loss import naive_linear_cross_entropy
 from trainer.loop import Ranks, build_training, setup_ranks, train_step
-from trainer.loss import naive_linear_cross_entropy
 from trainer.ttt.fastweight import chunk_scan, naive_fastweight
 from trainer.ttt.layout import build_layout
 
@@ -205,7 +205,8 @@ LOSS_SIZES = {
 
 
 def triton_loss_errors(device: torch.device, hidden_dtype: torch.dtype, head_dtype: torch.dtype) -> dict[str, float]:
-    from trainer.loss_triton import triton_linear_cross_entropy  # late: a machine without CUDA needs TRITON_INTERPRET
+    # late: a machine without CUDA needs TRITON_INTERPRET
+    from trainer.kernels.loss_triton import triton_linear_cross_entropy
 
     tokens, hidden_size, vocab, blocks = LOSS_SIZES[device.type]
     (hidden,), (hidden64,) = _leaves((tokens, hidden_size), dtype=hidden_dtype, device=device)

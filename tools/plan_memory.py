@@ -42,7 +42,7 @@ decoder layers of which T are TTT layers; d x h the MLP; steady state (optimizer
 - fast-weight states: (committed, pending) pairs of d x h fp32 per sequence. The chunk scan's backward
   holds three (its recomputed state, the state's gradient, the gradient it returns); under CP the
   state scan sends and receives one pair and each TTT layer keeps its incoming pair until its backward.
-- loss (`trainer.loss.linear_cross_entropy`): the Triton kernels (CUDA) hold fp32 gradients of the
+- loss (`trainer.kernels.loss.linear_cross_entropy`): the Triton kernels (CUDA) hold fp32 gradients of the
   hidden states and the head and their casts; the torch path (CPU, fp64) two (4096 x vocab) fp32
   blocks, an fp32 copy of the head, its fp32 gradient and the hidden states' gradient.
 
@@ -72,7 +72,7 @@ from parallel.pieces import batch_layout
 from parallel.segments import QUERY_BLOCK, SegmentPlan, layout_plans
 from tools.benchutil import OneLineErrorParser, positive_int
 from trainer.config import JobConfig, job_config
-from trainer.loss import linear_cross_entropy
+from trainer.kernels.loss import linear_cross_entropy
 from trainer.model import DTYPES, build_meta_model, master_dtype
 from trainer.train import CONF_DIR
 from trainer.ttt import TTTConfig

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from trainer.config import ModelConfig
-from trainer.loss import linear_cross_entropy
+from trainer.kernels.loss import linear_cross_entropy
 from trainer.materialize import Materializer, load_pretrained
 from trainer.model_folder import read_model_config
 from trainer.ttt import TTTConfig, patch_model

@@ -3,7 +3,7 @@
 For long sequences the logits dominate activation memory (128k tokens x 152k vocab in fp32 is 80 GB).
 `linear_cross_entropy` computes the summed loss chunk by chunk of tokens and recomputes each chunk's
 logits in the backward, so it holds one (chunk x vocab) block at a time. On CUDA it runs the Triton
-kernels of trainer/loss_triton.py instead, which hold only (block x block) tiles of logits, in registers.
+kernels of trainer/kernels/loss_triton.py instead, which hold only (block x block) tiles of logits, in registers.
 `naive_linear_cross_entropy` is the plain reference both paths are tested against.
 """
 
@@ -39,7 +39,7 @@ def linear_cross_entropy(
         with torch.autocast(device, enabled=False):
             return linear_cross_entropy(hidden.to(dtype), weight.to(dtype), labels, chunk_size)
     if hidden.is_cuda and _triton_available() and torch.promote_types(hidden.dtype, weight.dtype) in _TRITON_DTYPES:
-        from trainer.loss_triton import triton_linear_cross_entropy  # late: CPU runs never load triton
+        from trainer.kernels.loss_triton import triton_linear_cross_entropy  # late: CPU runs never load triton
 
         return triton_linear_cross_entropy(hidden, weight, labels)
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size)

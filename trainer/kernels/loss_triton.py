@@ -1,4 +1,4 @@
-"""Triton kernels for the linear cross-entropy: `linear_cross_entropy` in trainer/loss.py uses them for CUDA tensors.
+"""Triton kernels for the linear cross-entropy: `linear_cross_entropy` (trainer/kernels/loss.py) runs them on CUDA.
 
 The (tokens x vocab) logits are never written to memory. The forward kernel gives each program one block of
 token rows; it walks the vocabulary tile by tile, computes each logits tile with `tl.dot` (fp32 accumulation),
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from parallel.sharding import IGNORE_INDEX
-from trainer.loss import naive_linear_cross_entropy  # the reference the kernels are tested against
+from trainer.kernels.loss import naive_linear_cross_entropy  # the reference the kernels are tested against
 
 __all__ = ["naive_linear_cross_entropy", "triton_linear_cross_entropy"]
 
