@@ -166,7 +166,8 @@ def _state_scan_overlaps_the_local_scan(rank, world_size):
 
     def waiting_for(event, function):
         def run(*args):
-            overlapped.append(event.wait(timeout=30))
+            if args[0].shape[-1] > 1:  # a value read's states (d x h); the gate mass's (d x 1) scan runs in line
+                overlapped.append(event.wait(timeout=30))
             return function(*args)
 
         return run
@@ -181,7 +182,8 @@ def _state_scan_overlaps_the_local_scan(rank, world_size):
         local = shard_batch(batch, rank, world_size, "headtail")
         summed_loss(model, local, 64).backward()
     ttt_layers = sum(isinstance(m, trainer.ttt.mlp.FastWeightMLP) for m in model.modules())
-    assert overlapped == [True] * (4 * ttt_layers)  # a forward and an adjoint scan per read (values, gate mass)
+    # a forward and an adjoint scan per value read (the gate mass's prefix sum has nothing to overlap)
+    assert overlapped == [True] * (2 * ttt_layers)
 
 
 def _one_plan_per_forward(rank, world_size):

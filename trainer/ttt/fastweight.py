@@ -38,6 +38,7 @@ token-pair sum.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -49,10 +50,11 @@ _MASS_EPS = 1e-30  # only guards the division where nothing was read (mass 0, fa
 
 
 def write_keys(z: torch.Tensor, write: str) -> torch.Tensor:
-    """The keys the fast weight is written and read with: Z itself (raw) or Z / ||Z|| per token (normalized)."""
+    """The keys the fast weight is written and read with: Z itself (raw) or Z / ||Z|| per token (normalized),
+    in Z's dtype (autocast computes the norm in fp32; the scan's products take bf16 operands anyway)."""
     if write == "raw":
         return z
-    return torch.nn.functional.normalize(z, dim=-1, eps=_KEY_EPS)
+    return torch.nn.functional.normalize(z, dim=-1, eps=_KEY_EPS).to(z.dtype)
 
 
 def gated_mean(fast: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
@@ -83,8 +85,48 @@ def chunk_scan(
     """Fast part of the TTT MLP output, (B, S, d) in z's dtype, and the final (committed, pending) state.
 
     `state` is the (committed, pending) pair the sequence starts from, each (B, d, h); zero if None.
+    CUDA tensors in bf16, fp16 or fp32 run the Triton kernels of trainer/kernels/scan_triton.py (clip, an
+    inference option whose norm spans the whole state, excepted); the rest the torch loop below.
     """
-    out, committed, pending = _ChunkScan.apply(z, v, *(state or (None, None)), layout.groups, lr, clip)
+    if _runs_triton(z, v, clip):
+        from trainer.kernels.scan_triton import triton_chunk_scan  # late: CPU runs never load triton
+
+        out, committed, pending = triton_chunk_scan(z, v, layout, lr, state)
+    else:
+        out, committed, pending = _ChunkScan.apply(z, v, *(state or (None, None)), layout.groups, lr, clip)
+    return out, (committed, pending)
+
+
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _runs_triton(z: torch.Tensor, v: torch.Tensor, clip: float | None) -> bool:
+    """CUDA tensors take the kernels; so do CPU tensors under the Triton interpreter (TRITON_INTERPRET=1),
+    which is how the tests run them on a machine without a GPU."""
+    device_ok = z.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return device_ok and clip is None and torch.promote_types(z.dtype, v.dtype) in _TRITON_DTYPES
+
+
+def chunk_sum(v: torch.Tensor, layout: ChunkLayout) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """`chunk_scan` with a key of 1 (z all ones, h = 1) and lr 1, as the normalized write's gate mass runs it:
+    each token reads the sum of the values of the earlier chunks of its document in this sequence. That is a
+    difference of two prefix sums (at its segment's start and at its document's start), so a few vectorized
+    ops replace the walk whatever the number of chunks; the sums run in fp64, so that the difference of two
+    long sums keeps the precision of a short one. Returns the read (B, S, d) in v's dtype and the final
+    (committed, pending) state, (B, d, 1) each in the accumulation dtype."""
+    batch, seq, d = v.shape
+    index = torch.arange(seq, device=v.device).expand(batch, seq)
+    segment_start = torch.ones_like(layout.doc_start)
+    segment_start[:, 1:] = layout.segment_ids[:, 1:] != layout.segment_ids[:, :-1]
+    segment_first = torch.where(segment_start, index, 0).cummax(dim=1).values
+    document_first = torch.where(layout.doc_start, index, 0).cummax(dim=1).values  # 0: begun before the row
+    sums = torch.nn.functional.pad(v.to(torch.float64).cumsum(dim=1), (0, 0, 1, 0))  # sums[t]: tokens before t
+
+    def sums_before(first: torch.Tensor) -> torch.Tensor:
+        return sums.gather(1, first.unsqueeze(-1).expand(-1, -1, d))
+
+    out = (sums_before(segment_first) - sums_before(document_first)).to(v.dtype)
+    committed, pending = state_transfer(torch.ones_like(v[..., :1]), v, layout, 1.0)
     return out, (committed, pending)
 
 

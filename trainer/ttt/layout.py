@@ -13,6 +13,7 @@ document (and a chunk) begun on the previous rank, and its last chunk may contin
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -49,6 +50,22 @@ class ChunkLayout:
         nxt = torch.zeros_like(self.doc_start)
         nxt[:, :-1] = ~self.doc_start[:, 1:]
         return nxt
+
+    @functools.cached_property
+    def segment_table(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The segment plans as kernels read them, on the layout's device, built once per layout (every layer
+        of a forward shares it): an int32 (groups, n, 3) table of (start, end, flags: 1 resets | 2 closes), the
+        number of segments of each group, and the row stride into them (0: all rows share one plan, 1: a plan
+        per row)."""
+        width = max(len(group.segments) for group in self.groups)
+        table = torch.zeros(len(self.groups), width, 3, dtype=torch.int32)
+        for row, group in enumerate(self.groups):
+            table[row, : len(group.segments)] = torch.tensor(
+                [(s.start, s.end, s.resets + 2 * s.closes) for s in group.segments], dtype=torch.int32
+            )
+        counts = torch.tensor([len(group.segments) for group in self.groups], dtype=torch.int32)
+        device = self.position_ids.device
+        return table.to(device), counts.to(device), int(len(self.groups) > 1)
 
 
 def document_position_ids(document_ids: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,14 @@ from parallel.pieces import as_cp_group
 from parallel.state_scan import exclusive_state_scan, state_scan_in_flight
 from trainer.ttt.config import TTTConfig
 from trainer.ttt.context import TTTContext
-from trainer.ttt.fastweight import chunk_scan, gated_mean, read_incoming_state, state_transfer, write_keys
+from trainer.ttt.fastweight import (
+    chunk_scan,
+    chunk_sum,
+    gated_mean,
+    read_incoming_state,
+    state_transfer,
+    write_keys,
+)
 from trainer.ttt.layout import single_document_layout
 from trainer.ttt.targets import value_targets
 
@@ -87,29 +94,33 @@ class FastWeightMLP(nn.Module):
             self.update_norm = torch.linalg.matrix_norm(committed.detach()).mean()
             return out + fast
         fast, committed = self._read_writes(keys, gates * values, layout, self.cfg.lr, clip)
-        mass, committed_mass = self._read_writes(torch.ones_like(gates), gates, layout, 1.0, None)
+        mass, committed_mass = self._read_writes(torch.ones_like(gates), gates, layout, 1.0, scan=chunk_sum)
         norm = torch.linalg.matrix_norm(committed.detach())
         self.update_norm = gated_mean(norm, committed_mass.detach().flatten()).mean()  # of the mean a later token reads
         return out + gated_mean(fast, mass)
 
-    def _read_writes(self, keys, values, layout, lr, clip):
+    @torch.compiler.disable  # host-side segment plan and custom scan kernels: run eagerly, never guarded per batch
+    def _read_writes(self, keys, values, layout, lr, clip=None, scan=None):
         """What each token reads of the writes (keys, values) of earlier chunks of its document, and the
-        state committed at the end of this sequence (of this shard, under CP: for metrics)."""
+        state committed at the end of this sequence (of this shard, under CP: for metrics). `scan(values,
+        layout)` replaces the chunk scan where the keys are all ones (the gate mass: `chunk_sum`)."""
+
+        def local_scan():  # this sequence (shard) scanned from a zero state
+            return chunk_scan(keys, values, layout, lr, clip) if scan is None else scan(values, layout)
+
         cp_group = self._context.cp_group
         if cp_group is None:
-            fast, (committed, _) = chunk_scan(keys, values, layout, lr, clip=clip)
+            fast, (committed, _) = local_scan()
             return fast, committed
         # Context parallel: scan the shard from zero, pass states across ranks, add what the incoming
         # state contributes to this shard's first document.
         cp = as_cp_group(cp_group)
         resets = layout.doc_start.any(dim=1)
-        if cp.overlap:  # the pieces' states first, sent while the local scan runs
+        if cp.overlap and scan is None:  # the pieces' states first, sent while the (costly) local chunk scan runs
             committed, pending = state_transfer(keys, values, layout, lr)
-            incoming, (fast, _) = state_scan_in_flight(
-                committed, pending, resets, cp, lambda: chunk_scan(keys, values, layout, lr)
-            )
+            incoming, (fast, _) = state_scan_in_flight(committed, pending, resets, cp, local_scan)
         else:
-            fast, (committed, pending) = chunk_scan(keys, values, layout, lr)
+            fast, (committed, pending) = local_scan()
             incoming = exclusive_state_scan(committed, pending, resets, cp)
         return fast + read_incoming_state(keys, layout, *incoming), committed
 
