@@ -18,6 +18,8 @@ adjacent key ranges, so the packed keys are a single view for contiguous shards)
 from __future__ import annotations
 
 import bisect
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +142,12 @@ def segment_attention(query, keys, values, plan: SegmentPlan, scale, dropout: fl
     return _sdpa_segments(query, k, v, plan, scale, dropout)
 
 
+@functools.cache
+def _takes_enable_gqa(varlen_attn) -> bool:
+    """Whether this torch's `varlen_attn` takes `enable_gqa` (torch >= 2.12 requires it for GQA, 2.11 lacks it)."""
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
 def _varlen(query, k, v, plan: SegmentPlan, scale, dropout):
     from torch.nn.attention.varlen import varlen_attn
 
@@ -150,17 +158,23 @@ def _varlen(query, k, v, plan: SegmentPlan, scale, dropout):
     cu_q = torch.tensor([s.row * length + s.q_lo for s in segs] + [batch * length], dtype=torch.int32)
     cu_k = torch.tensor([segs[0].k_lo] + [s.k_hi for s in segs], dtype=torch.int32)
     dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16  # flash's dtypes
+    k, v = k.to(dtype), v.to(dtype)
+    if _takes_enable_gqa(varlen_attn):
+        gqa = {"enable_gqa": heads != k.shape[1]}
+    else:  # torch 2.11: each key head repeated for its group of query heads, which is what GQA computes
+        k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+        gqa = {}
     out = varlen_attn(
         query.transpose(1, 2).reshape(batch * length, heads, dim).to(dtype),
-        k.to(dtype),
-        v.to(dtype),
+        k,
+        v,
         cu_q.to(query.device, non_blocking=True),
         cu_k.to(query.device, non_blocking=True),
         max(s.q_hi - s.q_lo for s in segs),
         max(s.k_hi - s.k_lo for s in segs),
         scale=scale,
         window_size=(plan.window - 1, 0) if plan.window else (-1, 0),
-        enable_gqa=heads != k.shape[1],
+        **gqa,
     )
     return out.to(query.dtype).view(batch, length, heads, dim)
 

@@ -100,14 +100,25 @@ def flash_varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, 
     return torch.cat(outputs)
 
 
+def flash_varlen_reference_without_gqa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale, window_size):
+    """torch 2.11's varlen_attn, which has no `enable_gqa`: keys and values must come with the queries' heads."""
+    assert key.shape[1] == value.shape[1] == query.shape[1]
+    return flash_varlen_reference(
+        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size, enable_gqa=False
+    )
+
+
+@pytest.mark.parametrize(
+    "kernel", [flash_varlen_reference, flash_varlen_reference_without_gqa], ids=["enable_gqa", "torch-2.11"]
+)
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("load_balance", ["contiguous", "headtail"])
 @pytest.mark.parametrize("packing", PACKINGS)
-def test_the_cuda_kernels_arguments_reproduce_the_reference(packing, load_balance, window, monkeypatch):
+def test_the_cuda_kernels_arguments_reproduce_the_reference(packing, load_balance, window, kernel, monkeypatch):
     """The CUDA path (`_varlen`: cu_seqlens, maxima, window, GQA of one varlen_attn call) with the kernel
     replaced by its semantics in fp64: equal to the dense-mask reference on inputs that bf16 holds exactly
-    (the path hands the kernel bf16)."""
-    monkeypatch.setattr(varlen, "varlen_attn", flash_varlen_reference)
+    (the path hands the kernel bf16). A kernel without `enable_gqa` (torch 2.11) gets the key heads repeated."""
+    monkeypatch.setattr(varlen, "varlen_attn", kernel)
     generator = torch.Generator().manual_seed(1)
     positions = _positions(packing)
     batch, seq = positions.shape
