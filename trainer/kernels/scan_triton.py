@@ -35,7 +35,7 @@ _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.flo
 # gradient of Z over d. Not tuned on a GPU yet: `tools.bench_scan` times the alternatives.
 FORWARD_BLOCKS = (64, 64, 128, 8)
 READ_GRAD_BLOCKS = (64, 128, 64, 8)
-REVERSE_BLOCKS = (64, 64, 64, 4)
+REVERSE_BLOCKS = (64, 64, 128, 8)
 
 
 def triton_chunk_scan(
@@ -190,15 +190,18 @@ def _walk_kernel(
     row, ds, hs, d_ok, h_ok, state_offsets, state_ok = _tile_coordinates(D, H, BLOCK_D, BLOCK_H)
     if HAS_STATE:
         committed = tl.load(committed_in_ptr + state_offsets, mask=state_ok, other=0.0)
-        pending = tl.load(pending_in_ptr + state_offsets, mask=state_ok, other=0.0)
     else:
         committed = tl.zeros([BLOCK_D, BLOCK_H], dtype=tl.float32)
-        pending = tl.zeros([BLOCK_D, BLOCK_H], dtype=tl.float32)
+    # Only two tiles live in registers, committed and the segment's write: the incoming pending part is read
+    # back when its chunk closes, and only the last segment's write can stay pending.
+    owed = tl.full([], HAS_STATE, tl.int1)  # the incoming pending part is not in committed yet
     live = tl.full([], HAS_STATE, tl.int1)  # committed may be non-zero: reading it is not a no-op
+    write = tl.zeros([BLOCK_D, BLOCK_H], dtype=tl.float32)
+    closes = tl.full([], True, tl.int1)
     for k in range(tl.load(counts_ptr + row * row_stride)):
         start, end, resets, closes = _segment(table_ptr, row, row_stride, width, k)
         committed = tl.where(resets, 0.0, committed)
-        pending = tl.where(resets, 0.0, pending)
+        owed = owed & ~resets
         live = live & ~resets
         reading = committed.to(DOT_DTYPE)
         write = tl.zeros([BLOCK_D, BLOCK_H], dtype=tl.float32)
@@ -217,12 +220,15 @@ def _walk_kernel(
                     _add_rows(out_ptr, row, ts, t_ok, ds, d_ok, S, D, part)
             write = tl.dot(tl.trans(v), z, write, input_precision=PRECISION)
         write = lr * write
-        committed = tl.where(closes, committed + pending + write, committed)
-        pending = tl.where(closes, 0.0, pending + write)
-        live = live | closes
+        if owed:  # the chunk begun before the sequence: its earlier part joins this segment's write
+            write += tl.load(pending_in_ptr + state_offsets, mask=state_ok, other=0.0)
+            owed = False
+        if closes:
+            committed += write
+            live = True
     if not READ_GRAD:
         tl.store(committed_out_ptr + state_offsets, committed, mask=state_ok)
-        tl.store(pending_out_ptr + state_offsets, pending, mask=state_ok)
+        tl.store(pending_out_ptr + state_offsets, tl.where(closes, 0.0, write), mask=state_ok)
 
 
 @triton.jit
@@ -234,14 +240,17 @@ def _reverse_kernel(
 ):  # fmt: skip
     row, ds, hs, d_ok, h_ok, state_offsets, state_ok = _tile_coordinates(D, H, BLOCK_D, BLOCK_H)
     grad_committed = tl.load(grad_committed_ptr + state_offsets, mask=state_ok, other=0.0)
-    grad_pending = tl.load(grad_pending_ptr + state_offsets, mask=state_ok, other=0.0)
     count = tl.load(counts_ptr + row * row_stride)
     for j in range(count):
-        start, end, resets, closes = _segment(table_ptr, row, row_stride, width, count - 1 - j)
-        # What this segment writes lands in committed when its chunk closes here, else in pending; the pending
-        # part entering a closing chunk lands in committed with it.
-        grad_write = tl.where(closes, grad_committed, grad_pending)
-        grad_pending = tl.where(closes, grad_committed, grad_pending)
+        k = count - 1 - j
+        start, end, resets, closes = _segment(table_ptr, row, row_stride, width, k)
+        # What this segment writes lands in committed when its chunk closes here; else (only the last segment)
+        # it stays pending, whose gradient is given.
+        grad_write = tl.where(closes, grad_committed, 0.0)
+        if not closes:
+            grad_write = tl.load(grad_pending_ptr + state_offsets, mask=state_ok, other=0.0)
+        if k == 0:  # the incoming pending part lands with the first segment's write
+            tl.store(grad_pending_ptr + state_offsets, tl.where(resets, 0.0, grad_write), mask=state_ok)
         writing = grad_write.to(DOT_DTYPE)
         reads = tl.zeros([BLOCK_D, BLOCK_H], dtype=tl.float32)
         for t0 in range(start, end, BLOCK_T):
@@ -255,8 +264,5 @@ def _reverse_kernel(
             part_z = lr * tl.dot(v, writing, input_precision=PRECISION)
             _add_rows(grad_z_ptr, row, ts, t_ok, hs, h_ok, S, H, part_z)
             reads = tl.dot(tl.trans(grad_out), z, reads, input_precision=PRECISION)
-        grad_committed = grad_committed + reads  # this segment's reads of committed
-        grad_committed = tl.where(resets, 0.0, grad_committed)
-        grad_pending = tl.where(resets, 0.0, grad_pending)
+        grad_committed = tl.where(resets, 0.0, grad_committed + reads)  # this segment's reads of committed
     tl.store(grad_committed_ptr + state_offsets, grad_committed, mask=state_ok)
-    tl.store(grad_pending_ptr + state_offsets, grad_pending, mask=state_ok)
