@@ -32,9 +32,9 @@ REPEATS = 5
 # (forward, read grad, reverse) blocks, each (BLOCK_T, BLOCK_D, BLOCK_H, num_warps); the default comes first.
 CONFIGS = (
     None,
-    ((64, 64, 256, 8), (64, 256, 64, 8), (64, 128, 128, 8)),
-    ((64, 128, 128, 8), (64, 128, 128, 8), (64, 128, 128, 8)),
-    ((32, 64, 128, 4), (32, 128, 64, 4), (32, 64, 128, 4)),
+    ((64, 64, 128, 8), (64, 128, 64, 8), (64, 64, 64, 8)),
+    ((64, 64, 256, 8), (64, 256, 64, 8), (64, 64, 128, 8)),
+    ((32, 64, 128, 4), (32, 128, 64, 4), (32, 64, 64, 4)),
 )
 PRODUCTS = 7  # forward: read and write; backward: write (recomputed), read's gradient, gV, gZ, the state's gradient
 

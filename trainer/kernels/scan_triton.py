@@ -13,9 +13,14 @@ under autocast: tensor cores) and products accumulate in fp32.
 
 Three kernels, one launch each:
 - `_walk_kernel` walks forward: the forward (reads into O, the final state out) and, in the backward,
-  recomputes the states to send the read's gradient to Z (gO C).
+  recomputes the states to send the read's gradient to Z (gO C). Its registers hold committed and the
+  segment's write; the incoming pending part is read back where it lands.
 - `_reverse_kernel` walks backward with the state's gradient G (the sum of gO^T Z of the reads after a
-  segment): a segment's write receives G, so gV = lr Z G^T and gZ += lr V G.
+  segment): a segment's write receives G, so gV = lr Z G^T and gZ += lr V G. Its registers hold G alone: the
+  segment's reads accumulate into it directly while the write uses the bf16 snapshot taken at its start.
+
+Register pressure decides the tiles (the per-kernel defaults below spill little or nothing on sm_90: read off
+the cubin, which `triton.compile` builds for sm_90 without a GPU). The atomics are scalar fp32 reductions.
 
 Tested under the Triton interpreter on CPU against the fp64 references (tests/test_scan_triton.py).
 """
@@ -149,14 +154,14 @@ def reverse(z, v, grad_out, table, grad_state, lr, dot, grad_z, *, blocks=None):
 @triton.jit
 def _tile_coordinates(D, H, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
     """This program's row and state tile: d and h indices, their masks, and the tile's offsets in a (B, d, h)
-    state."""
+    state, as the row's first element (64-bit) and int32 offsets from it."""
     tile, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
     tiles_h = tl.cdiv(H, BLOCK_H)
     ds = (tile // tiles_h) * BLOCK_D + tl.arange(0, BLOCK_D)
     hs = (tile % tiles_h) * BLOCK_H + tl.arange(0, BLOCK_H)
     d_ok, h_ok = ds < D, hs < H
-    state_offsets = row * D * H + ds[:, None] * H + hs[None, :]
-    return row, ds, hs, d_ok, h_ok, state_offsets, d_ok[:, None] & h_ok[None, :]
+    state_offsets = ds[:, None] * H + hs[None, :]
+    return row, ds, hs, d_ok, h_ok, row * D * H, state_offsets, d_ok[:, None] & h_ok[None, :]
 
 
 @triton.jit
@@ -168,16 +173,27 @@ def _segment(table_ptr, row, row_stride, width, k):
 
 
 @triton.jit
-def _load_rows(ptr, row, ts, t_ok, cols, col_ok, S, width, DOT_DTYPE: tl.constexpr):
-    """Rows ts of one (S, width) slab of a (B, S, width) tensor, columns cols, cast to the dot dtype."""
-    offsets = row * S * width + ts[:, None] * width + cols[None, :]
-    return tl.load(ptr + offsets, mask=t_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
+def _block(ptr, row, t0, end, cols, col_ok, S, width, BLOCK_T: tl.constexpr):
+    """Pointers and mask of rows [t0, t0 + BLOCK_T) (those before `end`), columns `cols`, of one (S, width) slab
+    of a (B, S, width) tensor: the block's first row in 64-bit arithmetic, int32 offsets within the block (fewer
+    registers than a tile of 64-bit offsets)."""
+    rows = tl.arange(0, BLOCK_T)
+    pointers = ptr + (row * S + t0) * width + (rows[:, None] * width + cols[None, :])
+    return pointers, ((t0 + rows) < end)[:, None] & col_ok[None, :]
 
 
 @triton.jit
-def _add_rows(ptr, row, ts, t_ok, cols, col_ok, S, width, part):
-    offsets = row * S * width + ts[:, None] * width + cols[None, :]
-    tl.atomic_add(ptr + offsets, part, mask=t_ok[:, None] & col_ok[None, :], sem="relaxed")
+def _load_block(ptr, row, t0, end, cols, col_ok, S, width, BLOCK_T: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """A block of rows (see `_block`), cast to the dot dtype."""
+    pointers, mask = _block(ptr, row, t0, end, cols, col_ok, S, width, BLOCK_T)
+    return tl.load(pointers, mask=mask, other=0.0).to(DOT_DTYPE)
+
+
+@triton.jit
+def _add_block(ptr, row, t0, end, cols, col_ok, S, width, part, BLOCK_T: tl.constexpr):
+    """Add `part` into a block of rows (see `_block`) of an fp32 tensor that other programs add into too."""
+    pointers, mask = _block(ptr, row, t0, end, cols, col_ok, S, width, BLOCK_T)
+    tl.atomic_add(pointers, part, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -187,14 +203,16 @@ def _walk_kernel(
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, HAS_STATE: tl.constexpr, READ_GRAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    row, ds, hs, d_ok, h_ok, state_offsets, state_ok = _tile_coordinates(D, H, BLOCK_D, BLOCK_H)
+    row, ds, hs, d_ok, h_ok, state_base, state_offsets, state_ok = _tile_coordinates(D, H, BLOCK_D, BLOCK_H)
+    committed_in_ptr, pending_in_ptr = committed_in_ptr + state_base, pending_in_ptr + state_base  # this row's
+    committed_out_ptr, pending_out_ptr = committed_out_ptr + state_base, pending_out_ptr + state_base
     if HAS_STATE:
         committed = tl.load(committed_in_ptr + state_offsets, mask=state_ok, other=0.0)
     else:
         committed = tl.zeros([BLOCK_D, BLOCK_H], dtype=tl.float32)
-    # Only two tiles live in registers, committed and the segment's write: the incoming pending part is read
-    # back when its chunk closes, and only the last segment's write can stay pending.
-    owed = tl.full([], HAS_STATE, tl.int1)  # the incoming pending part is not in committed yet
+    # Two fp32 tiles live in registers, committed and the segment's write: the incoming pending part is read
+    # back where it lands (the first segment's write), and only the last segment's write can stay pending.
+    owed = tl.full([], HAS_STATE, tl.int1)  # the incoming pending part is not written anywhere yet
     live = tl.full([], HAS_STATE, tl.int1)  # committed may be non-zero: reading it is not a no-op
     write = tl.zeros([BLOCK_D, BLOCK_H], dtype=tl.float32)
     closes = tl.full([], True, tl.int1)
@@ -206,26 +224,23 @@ def _walk_kernel(
         reading = committed.to(DOT_DTYPE)
         write = tl.zeros([BLOCK_D, BLOCK_H], dtype=tl.float32)
         for t0 in range(start, end, BLOCK_T):
-            ts = t0 + tl.arange(0, BLOCK_T)
-            t_ok = ts < end
-            z = _load_rows(z_ptr, row, ts, t_ok, hs, h_ok, S, H, DOT_DTYPE)
-            v = _load_rows(v_ptr, row, ts, t_ok, ds, d_ok, S, D, DOT_DTYPE)
+            z = _load_block(z_ptr, row, t0, end, hs, h_ok, S, H, BLOCK_T, DOT_DTYPE)
+            v = _load_block(v_ptr, row, t0, end, ds, d_ok, S, D, BLOCK_T, DOT_DTYPE)
             if live:
                 if READ_GRAD:  # d(gO . Z C^T)/dZ = gO C, summed over this tile's d
-                    grad_out = _load_rows(grad_out_ptr, row, ts, t_ok, ds, d_ok, S, D, DOT_DTYPE)
+                    grad_out = _load_block(grad_out_ptr, row, t0, end, ds, d_ok, S, D, BLOCK_T, DOT_DTYPE)
                     part = tl.dot(grad_out, reading, input_precision=PRECISION)
-                    _add_rows(out_ptr, row, ts, t_ok, hs, h_ok, S, H, part)
+                    _add_block(out_ptr, row, t0, end, hs, h_ok, S, H, part, BLOCK_T)
                 else:  # Z C^T, summed over this tile's h
                     part = tl.dot(z, tl.trans(reading), input_precision=PRECISION)
-                    _add_rows(out_ptr, row, ts, t_ok, ds, d_ok, S, D, part)
+                    _add_block(out_ptr, row, t0, end, ds, d_ok, S, D, part, BLOCK_T)
             write = tl.dot(tl.trans(v), z, write, input_precision=PRECISION)
         write = lr * write
-        if owed:  # the chunk begun before the sequence: its earlier part joins this segment's write
-            write += tl.load(pending_in_ptr + state_offsets, mask=state_ok, other=0.0)
-            owed = False
-        if closes:
-            committed += write
-            live = True
+        if HAS_STATE:
+            write += tl.load(pending_in_ptr + state_offsets, mask=tl.where(owed, state_ok, False), other=0.0)
+            owed = owed & False
+        committed = tl.where(closes, committed + write, committed)
+        live = live | closes
     if not READ_GRAD:
         tl.store(committed_out_ptr + state_offsets, committed, mask=state_ok)
         tl.store(pending_out_ptr + state_offsets, tl.where(closes, 0.0, write), mask=state_ok)
@@ -238,7 +253,10 @@ def _reverse_kernel(
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    row, ds, hs, d_ok, h_ok, state_offsets, state_ok = _tile_coordinates(D, H, BLOCK_D, BLOCK_H)
+    row, ds, hs, d_ok, h_ok, state_base, state_offsets, state_ok = _tile_coordinates(D, H, BLOCK_D, BLOCK_H)
+    grad_committed_ptr, grad_pending_ptr = grad_committed_ptr + state_base, grad_pending_ptr + state_base  # this row's
+    # One fp32 tile lives in registers: the gradient of committed, into which each segment's reads (gO^T Z)
+    # accumulate directly; the segment's write receives the bf16 snapshot taken at its start.
     grad_committed = tl.load(grad_committed_ptr + state_offsets, mask=state_ok, other=0.0)
     count = tl.load(counts_ptr + row * row_stride)
     for j in range(count):
@@ -246,23 +264,19 @@ def _reverse_kernel(
         start, end, resets, closes = _segment(table_ptr, row, row_stride, width, k)
         # What this segment writes lands in committed when its chunk closes here; else (only the last segment)
         # it stays pending, whose gradient is given.
-        grad_write = tl.where(closes, grad_committed, 0.0)
-        if not closes:
-            grad_write = tl.load(grad_pending_ptr + state_offsets, mask=state_ok, other=0.0)
+        grad_pending = tl.load(grad_pending_ptr + state_offsets, mask=tl.where(closes, False, state_ok), other=0.0)
+        grad_write = tl.where(closes, grad_committed, grad_pending)
         if k == 0:  # the incoming pending part lands with the first segment's write
             tl.store(grad_pending_ptr + state_offsets, tl.where(resets, 0.0, grad_write), mask=state_ok)
-        writing = grad_write.to(DOT_DTYPE)
-        reads = tl.zeros([BLOCK_D, BLOCK_H], dtype=tl.float32)
+        writing = (lr * grad_write).to(DOT_DTYPE)
         for t0 in range(start, end, BLOCK_T):
-            ts = t0 + tl.arange(0, BLOCK_T)
-            t_ok = ts < end
-            z = _load_rows(z_ptr, row, ts, t_ok, hs, h_ok, S, H, DOT_DTYPE)
-            v = _load_rows(v_ptr, row, ts, t_ok, ds, d_ok, S, D, DOT_DTYPE)
-            grad_out = _load_rows(grad_out_ptr, row, ts, t_ok, ds, d_ok, S, D, DOT_DTYPE)
-            part_v = lr * tl.dot(z, tl.trans(writing), input_precision=PRECISION)
-            _add_rows(grad_v_ptr, row, ts, t_ok, ds, d_ok, S, D, part_v)
-            part_z = lr * tl.dot(v, writing, input_precision=PRECISION)
-            _add_rows(grad_z_ptr, row, ts, t_ok, hs, h_ok, S, H, part_z)
-            reads = tl.dot(tl.trans(grad_out), z, reads, input_precision=PRECISION)
-        grad_committed = tl.where(resets, 0.0, grad_committed + reads)  # this segment's reads of committed
+            z = _load_block(z_ptr, row, t0, end, hs, h_ok, S, H, BLOCK_T, DOT_DTYPE)
+            v = _load_block(v_ptr, row, t0, end, ds, d_ok, S, D, BLOCK_T, DOT_DTYPE)
+            grad_out = _load_block(grad_out_ptr, row, t0, end, ds, d_ok, S, D, BLOCK_T, DOT_DTYPE)
+            part_v = tl.dot(z, tl.trans(writing), input_precision=PRECISION)
+            _add_block(grad_v_ptr, row, t0, end, ds, d_ok, S, D, part_v, BLOCK_T)
+            part_z = tl.dot(v, writing, input_precision=PRECISION)
+            _add_block(grad_z_ptr, row, t0, end, hs, h_ok, S, H, part_z, BLOCK_T)
+            grad_committed = tl.dot(tl.trans(grad_out), z, grad_committed, input_precision=PRECISION)  # its reads
+        grad_committed = tl.where(resets, 0.0, grad_committed)
     tl.store(grad_committed_ptr + state_offsets, grad_committed, mask=state_ok)
