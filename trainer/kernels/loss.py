@@ -1,10 +1,17 @@
 """Cross-entropy of a linear head without materializing the (tokens x vocab) logits.
 
 For long sequences the logits dominate activation memory (128k tokens x 152k vocab in fp32 is 80 GB).
-`linear_cross_entropy` computes the summed loss chunk by chunk of tokens and recomputes each chunk's
-logits in the backward, so it holds one (chunk x vocab) block at a time. On CUDA it runs the Triton
-kernels of trainer/kernels/loss_triton.py instead, which hold only (block x block) tiles of logits, in registers.
-`naive_linear_cross_entropy` is the plain reference both paths are tested against.
+`linear_cross_entropy` picks the path by device:
+- CUDA (bf16, fp16, fp32): liger-kernel's fused linear cross-entropy. It computes both gradients during the
+  forward, a block of token rows at a time (one (rows x vocab) logits block, rows ~ tokens * d / vocab), with
+  the head's gradient accumulated in fp32. On one H200 at 32768 tokens x d=1024 x vocab 151936 in bf16 it
+  takes 73 ms forward+backward, against 261 ms for this project's Triton kernels (trainer/kernels/loss_triton.py,
+  whose atomics-bound backward alone takes 234 ms), so the trainer runs liger's; `python -m tools.bench_loss`
+  measures both beside cut-cross-entropy and the torch path.
+- CPU and fp64: the chunked torch path below, which computes the loss chunk by chunk of tokens and recomputes
+  each chunk's logits in the backward, so it holds one (chunk x vocab) block at a time (liger keeps its
+  per-token loss in fp32, too coarse for the fp64 exactness tests).
+`naive_linear_cross_entropy` is the plain reference every path is tested against.
 """
 
 from __future__ import annotations
@@ -29,28 +36,43 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Sum over tokens of CE(hidden @ weight^T, labels), ignoring IGNORE_INDEX; hidden (N, d), weight (V, d).
 
-    CUDA tensors in bf16, fp16 or fp32 go to the Triton kernels (which ignore `chunk_size`); the rest,
-    CPU and fp64, to the chunked torch path. Under autocast the inputs are cast to its dtype first, as the
-    `nn.Linear` head this replaces would be (fp32 master weights would otherwise run the head in fp32).
+    CUDA tensors in bf16, fp16 or fp32 go to liger-kernel where it is installed (it ignores `chunk_size`), both
+    cast to their promoted dtype; the rest, CPU and fp64, to the chunked torch path. Under autocast the inputs
+    are cast to its dtype first, as the `nn.Linear` head this replaces would be (fp32 master weights would
+    otherwise run the head in fp32); either path computes the loss itself in fp32.
     """
     device = hidden.device.type
     if torch.is_autocast_enabled(device):  # the cast autocast makes; then the loss's own precision, in fp32
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
             return linear_cross_entropy(hidden.to(dtype), weight.to(dtype), labels, chunk_size)
-    if hidden.is_cuda and _triton_available() and torch.promote_types(hidden.dtype, weight.dtype) in _TRITON_DTYPES:
-        from trainer.kernels.loss_triton import triton_linear_cross_entropy  # late: CPU runs never load triton
-
-        return triton_linear_cross_entropy(hidden, weight, labels)
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    if hidden.is_cuda and dtype in _FUSED_DTYPES and _liger_available():
+        return _liger_linear_cross_entropy(hidden.to(dtype), weight.to(dtype), labels)
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
 
 
-_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @functools.cache
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def _liger_available() -> bool:
+    """liger-kernel is a dependency on Linux only (as triton, which it runs on); elsewhere CUDA takes the torch path."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def _liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """liger-kernel's fused linear cross-entropy; hidden and weight share a dtype (its matmuls need one)."""
+    # late: CPU runs never import liger (nor triton through it)
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    if weight.requires_grad and not hidden.requires_grad and torch.is_grad_enabled():
+        # liger (0.8.5) computes the head's gradient only beside the hidden states': a frozen trunk under a
+        # trainable head would silently get none.
+        hidden = hidden.detach().requires_grad_()
+    return liger_fused_linear_cross_entropy(
+        hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="sum", accum_dtype=torch.float32
+    )
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
