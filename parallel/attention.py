@@ -94,6 +94,7 @@ class _GatherSequence(torch.autograd.Function):
         return mine.movedim(0, 2), None
 
 
+@torch.compiler.disable  # collectives and a host-side plan cache: a graph break, never traced or guarded per batch
 def allgather_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs
 ):
@@ -107,6 +108,7 @@ def allgather_attention(
     return out, None
 
 
+@torch.compiler.disable  # DeepSpeed's all-to-all and the plan cache stay eager under torch.compile
 def ulysses_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs
 ):

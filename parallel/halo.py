@@ -14,6 +14,7 @@ from parallel.comm import route
 from parallel.pieces import CPGroup, as_cp_group
 
 
+@torch.compiler.disable  # point-to-point messages: eager under torch.compile
 def halo_rows(x: torch.Tensor, group, before: int, after: int, fill: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return _Halo.apply(x, as_cp_group(group), before, after, fill)
 

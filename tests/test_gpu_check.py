@@ -62,7 +62,7 @@ def test_a_perturbed_implementation_fails_its_check(monkeypatch, name, check):
 def test_a_failing_check_fails_the_command(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(gpu_check, "chunk_scan", _perturbed(gpu_check.chunk_scan, 1 + 1e-3))
-    monkeypatch.setattr(gpu_check, "interpreted_triton_loss_errors", lambda: {"out": 0.0})  # spare a child process
+    monkeypatch.setattr(gpu_check, "interpreted_scan_errors", lambda: {"out": 0.0})  # spare a child process
     with pytest.raises(SystemExit) as exit_info:
         gpu_check.main(["--out", str(tmp_path / "report.json")])
     assert exit_info.value.code == 1
@@ -84,13 +84,19 @@ def test_the_measurements_run_end_to_end_on_cpu_with_a_tiny_model(monkeypatch):
     for name, value in sizes.items():
         monkeypatch.setattr(gpu_check, name, value)
     monkeypatch.setattr(gpu_check, "WARMUP_STEPS", 1)
-    rows = {row.name: row for row in gpu_check.gpu_measurements(gpu_check.Deadline(float("inf")), None)}
+    measured = gpu_check.gpu_measurements(gpu_check.Deadline(float("inf")), None)
+    rows = {row.name: row for row in measured}
     assert set(gpu_check.MEASUREMENTS) <= set(rows)
-    assert all(row.status in ("pass", "fail", "info") for row in rows.values()), [r for r in rows.values()]
-    overhead, planner, mfu, longest = (rows[name] for name in gpu_check.MEASUREMENTS)
-    runs = [row.data for row in rows.values() if row.name.startswith("step time")]
-    assert [run["ttt"] for run in runs] == ["ntp", "none"] and all(len(run["step_s"]) == 3 for run in runs)
+    assert all(row.status in ("pass", "fail", "info") for row in measured), measured
+    overhead, baseline, mfu, longest = (rows[name] for name in gpu_check.MEASUREMENTS)
+    runs = [row.data for row in measured if row.name.startswith("step time")]
+    assert [run["ttt"] for run in runs] == ["ntp", "none", "ntp"] and all(len(run["step_s"]) == 3 for run in runs)
     assert overhead.value == pytest.approx(runs[0]["median_step_s"] / runs[1]["median_step_s"])
-    assert planner.data["planned_bytes"] > 0 and planner.data["peak_bytes"] == 3 << 20
+    assert baseline.value == pytest.approx(runs[1]["median_step_s"] / baseline.data["plain_s"])
+    planner = [row for row in measured if row.name.startswith("planner vs measured peak")]
+    assert len(planner) == 3 and all(row.data["planned"] > 0 and row.data["peak"] == 3 << 20 for row in planner)
+    saved = rows["saved activations per decoder layer, ntp run"].data
+    assert len(saved["measured"]) == len(saved["planned"]) and all(n > 0 for n in saved["measured"])
+    assert runs[0]["profile"]["launches"] > 0  # on CPU: the operators the step called
     assert 0 < mfu.value < gpu_check.MFU_TARGET  # a CPU against an H200's peak
     assert (longest.status, longest.value, longest.data["stopped"]) == ("pass", 128, "every length trained")

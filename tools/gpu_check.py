@@ -63,7 +63,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -73,12 +73,15 @@ from parallel.pieces import fixed_layout
 from parallel.segments import layout_plans, naive_document_attention, segment_attention
 from parallel.sharding import IGNORE_INDEX, document_starts, next_token_labels, shard
 from tools.benchutil import OneLineErrorParser, positive_int, synchronize
-from tools.plan_memory import GIB, compose_config, meta_model, model_facts, plan, setup_of
+from tools.hf_baseline import time_hf_step
+from tools.plan_memory import GIB, Plan, activations_of, compose_config, meta_model, model_facts, plan, setup_of
+from tools.step_profile import profile_step
 from trainer.config import JobConfig, job_config
-from trainer.kernels.loss import naive_linear_cross_entropy
-from trainer.loop import Ranks, build_training, setup_ranks, train_step
+from trainer.kernels.loss import linear_cross_entropy, naive_linear_cross_entropy
+from trainer.loop import Ranks, Training, build_training, setup_ranks, train_step
 from trainer.ttt.fastweight import chunk_scan, naive_fastweight
 from trainer.ttt.layout import build_layout
+from trainer.ttt.patch import decoder_of
 
 REPO = Path(__file__).resolve().parents[1]
 NO_GPU_LINE = "no CUDA GPU found: ran the CPU checks only; the measurements need a GPU"
@@ -89,16 +92,16 @@ FP64_TOLERANCE = 1e-10
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0), ("H200", 989.0))
 
 OVERHEAD_MODEL, MFU_MODEL, SEQ_LEN = "qwen3-0.6b", "qwen3-1.7b", 32768
-OVERHEAD_TARGET, MFU_TARGET, LONGEST_TARGET = 1.10, 0.35, 262144
-LADDER = (65536, 131072, 262144, 393216)
+OVERHEAD_TARGET, BASELINE_TARGET, MFU_TARGET, LONGEST_TARGET = 1.05, 0.7, 0.45, 524288
+PLANNER_TOLERANCE = 0.05
+LADDER = (131072, 262144, 393216, 524288)
 WARMUP_STEPS, TIMED_STEPS = 2, 3
-CHECKPOINT_ABOVE = 0.9  # of the GPU's memory: a planned step above it runs with activation checkpointing
 MIN_START_S = 30.0  # a measurement needs at least this much of the budget left to start
 MEASUREMENTS = (  # the headline row of each measurement, in the order they run
     "TTT-NTP step-time overhead, Qwen3-0.6B, 32k",
-    "memory planner vs measured peak (first run)",
+    "framework ttt=none / plain transformers step, Qwen3-0.6B, 32k",
     "MFU, Qwen3-1.7B ntp, 32k",
-    "longest sequence, Qwen3-0.6B ntp, activation checkpointing",
+    "longest sequence, Qwen3-0.6B ntp",
 )
 
 
@@ -197,24 +200,20 @@ def attention_errors(device: torch.device, dtype: torch.dtype, window: int | Non
     return _errors(torch.cat(got, dim=1), want, (q, k, v), reference_inputs, ("q", "k", "v"))
 
 
-# Per device: tokens, hidden size, vocabulary (none a multiple of the blocks), the kernels' block sizes.
-LOSS_SIZES = {
-    "cpu": (37, 20, 50, dict(block_n=16, block_v=16, block_d=16)),
-    "cuda": (4099, 1024, 32003, {}),  # the defaults the trainer runs
-}
+# Per device: tokens, hidden size, vocabulary (none a multiple of any block).
+LOSS_SIZES = {"cpu": (37, 20, 50), "cuda": (4099, 1024, 32003)}
 
 
-def triton_loss_errors(device: torch.device, hidden_dtype: torch.dtype, head_dtype: torch.dtype) -> dict[str, float]:
-    # late: a machine without CUDA needs TRITON_INTERPRET
-    from trainer.kernels.loss_triton import triton_linear_cross_entropy
-
-    tokens, hidden_size, vocab, blocks = LOSS_SIZES[device.type]
-    (hidden,), (hidden64,) = _leaves((tokens, hidden_size), dtype=hidden_dtype, device=device)
+def loss_errors(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """The loss head as the trainer runs it (`linear_cross_entropy`: liger-kernel's fused linear cross-entropy
+    on CUDA) against the full-logits reference in fp64, with ignored labels."""
+    tokens, hidden_size, vocab = LOSS_SIZES[device.type]
+    (hidden,), (hidden64,) = _leaves((tokens, hidden_size), dtype=dtype, device=device)
     scale = hidden_size**-0.5  # logits of order 1, as a trained head gives
-    (head,), (head64,) = _leaves((vocab, hidden_size), dtype=head_dtype, device=device, seed=2, scale=scale)
+    (head,), (head64,) = _leaves((vocab, hidden_size), dtype=dtype, device=device, seed=2, scale=scale)
     labels = torch.randint(vocab, (tokens,), generator=torch.Generator().manual_seed(3)).to(device)
     labels[::7] = IGNORE_INDEX
-    got = triton_linear_cross_entropy(hidden, head, labels, **blocks)
+    got = linear_cross_entropy(hidden, head, labels)
     want = naive_linear_cross_entropy(hidden64, head64, labels)
     return _errors(got, want, (hidden, head), (hidden64, head64), ("hidden", "head"))
 
@@ -223,13 +222,23 @@ def triton_loss_errors(device: torch.device, hidden_dtype: torch.dtype, head_dty
 SCAN_SIZES = {"cpu": ((7, 12, 13), 4, 16, 8), "cuda": ((1000, 2600, 496), 512, 3072, 1024)}
 
 
-def chunk_scan_errors(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+def chunk_scan_errors(device: torch.device, dtype: torch.dtype, pieces: bool = False) -> dict[str, float]:
+    """`chunk_scan` (the Triton kernels on CUDA) on packed documents against the prefix-sum reference. With
+    `pieces`, as context parallelism runs it: the sequence cut mid-chunk and mid-document, the second piece
+    continuing from the first's (committed, pending) state, gradients flowing back through it."""
     lengths, chunk, h, d = SCAN_SIZES[device.type]
     positions = _packed_positions((lengths, lengths[::-1]), device)
     batch, seq = positions.shape
     (z, v), reference_inputs = _leaves((batch, seq, h), (batch, seq, d), dtype=dtype, device=device)
     lr = 1.0 / (chunk * h)  # keeps the raw write's reads of order 1
-    got, _ = chunk_scan(z, v, build_layout(positions, chunk, batch_size=batch), lr)
+    if pieces:
+        cut = seq // 2 + chunk // 2 + 1  # inside a chunk of a document that started in the first piece
+        first_layout = build_layout(positions[:, :cut], chunk, continues_after=True)
+        first, state = chunk_scan(z[:, :cut], v[:, :cut], first_layout, lr)
+        second_layout = build_layout(positions[:, cut:], chunk, continues_before=True)
+        got = torch.cat([first, chunk_scan(z[:, cut:], v[:, cut:], second_layout, lr, state=state)[0]], dim=1)
+    else:
+        got, _ = chunk_scan(z, v, build_layout(positions, chunk, batch_size=batch), lr)
     want = naive_fastweight(*reference_inputs, positions, chunk, lr)
     return _errors(got, want, (z, v), reference_inputs, ("z", "v"))
 
@@ -244,7 +253,7 @@ class Check:
 
 def device_checks(device: torch.device) -> list[Check]:
     bf16, fp32, fp64 = torch.bfloat16, torch.float32, torch.float64
-    attention, loss = partial(attention_errors, device), partial(triton_loss_errors, device)
+    attention, loss = partial(attention_errors, device), partial(loss_errors, device)
     scan = partial(chunk_scan_errors, device)
     name = "attention, segment plan vs dense mask"
     no_triton = None if importlib.util.find_spec("triton") else "triton is not installed"
@@ -253,23 +262,26 @@ def device_checks(device: torch.device) -> list[Check]:
             Check(f"{name} (varlen), bf16", partial(attention, bf16, None), BF16_TOLERANCE),
             Check(f"{name} (varlen), bf16, window 1000", partial(attention, bf16, 1000), BF16_TOLERANCE),
             Check(f"{name} (varlen), fp32 inputs", partial(attention, fp32, None), BF16_TOLERANCE),
-            Check("Triton cross-entropy, bf16 (as trained)", partial(loss, bf16, bf16), BF16_TOLERANCE, no_triton),
-            Check("Triton cross-entropy, fp32", partial(loss, fp32, fp32), FP32_TOLERANCE, no_triton),
-            Check("chunk scan, bf16 vs fp64", partial(scan, bf16), BF16_TOLERANCE),
+            Check("fused cross-entropy (liger), bf16 (as trained)", partial(loss, bf16), BF16_TOLERANCE),
+            Check("fused cross-entropy (liger), fp32", partial(loss, fp32), FP32_TOLERANCE),
+            Check("chunk scan (Triton), bf16 vs fp64", partial(scan, bf16), BF16_TOLERANCE),
+            Check("chunk scan (Triton), CP pieces and state, bf16", partial(scan, bf16, True), BF16_TOLERANCE),
         ]
     return [
         Check(f"{name} (SDPA per segment), fp64", partial(attention, fp64, None), FP64_TOLERANCE),
         Check(f"{name} (SDPA per segment), fp64, window 5", partial(attention, fp64, 5), FP64_TOLERANCE),
-        Check("Triton cross-entropy, fp32, interpreted", interpreted_triton_loss_errors, FP32_TOLERANCE, no_triton),
+        Check("cross-entropy (chunked torch), fp32", partial(loss, fp32), FP32_TOLERANCE),
         Check("chunk scan, fp32 vs fp64", partial(scan, fp32), FP32_TOLERANCE),
+        Check("chunk scan (Triton), interpreted, fp32", interpreted_scan_errors, FP32_TOLERANCE, no_triton),
     ]
 
 
-def interpreted_triton_loss_errors() -> dict[str, float]:
-    """The fp32 Triton loss check on CPU under the interpreter, in a child process: TRITON_INTERPRET=1 must be
-    set before triton's own kernels are imported, which this process did with torch."""
-    code = "import json, torch; from tools.gpu_check import triton_loss_errors as e; "
-    code += "print(json.dumps(e(torch.device('cpu'), torch.float32, torch.float32)))"
+def interpreted_scan_errors() -> dict[str, float]:
+    """The scan's Triton kernels on CPU under the interpreter, CP pieces and state included, in a child process:
+    TRITON_INTERPRET=1 must be set before triton is imported, which this process did with torch."""
+    code = "import json, torch; from tools.gpu_check import chunk_scan_errors as e; cpu = torch.device('cpu'); "
+    code += "pieces = {k + ' (pieces)': x for k, x in e(cpu, torch.float32, True).items()}; "
+    code += "print(json.dumps({**e(cpu, torch.float32), **pieces}))"
     env = {
         **os.environ,
         "TRITON_INTERPRET": "1",
@@ -308,20 +320,17 @@ class Deadline:
         return self.end - time.perf_counter()
 
 
-def training_job(model: str, ttt: str, seq_len: int, checkpointing: bool) -> JobConfig:
-    """The job `ttt-train` would run in one process with these settings, batch 1."""
+def training_job(model: str, ttt: str, seq_len: int, checkpointing: str = "auto") -> JobConfig:
+    """The job `ttt-train` would run in one process with these settings, batch 1; train.compile at its default
+    (auto: on, on CUDA)."""
     overrides = [f"model={model}", f"ttt={ttt}", "parallel=single", f"data.seq_len={seq_len}", "data.batch_size=1"]
-    return job_config(compose_config([*overrides, f"train.activation_checkpointing={str(checkpointing).lower()}"]))
+    return job_config(compose_config([*overrides, f"train.activation_checkpointing={checkpointing}"]))
 
 
-def planned_bytes(job: JobConfig) -> int:
-    return plan(model_facts(meta_model(job)), setup_of(job, 1, "cuda")).total
-
-
-def needs_checkpointing(model: str, seq_len: int, device: torch.device) -> bool:
-    """Whether the planner puts the ntp step without activation checkpointing above CHECKPOINT_ABOVE of the GPU."""
-    budget = CHECKPOINT_ABOVE * torch.cuda.get_device_properties(device).total_memory
-    return planned_bytes(training_job(model, "ntp", seq_len, checkpointing=False)) > budget
+def planned(job: JobConfig, checkpoint_every: int | None) -> Plan:
+    """The planner's plan of `job` with the activation checkpointing the trainer resolved."""
+    setup = replace(setup_of(job, 1, "cuda"), checkpointing=checkpoint_every is not None)
+    return plan(model_facts(meta_model(job)), replace(setup, checkpoint_every=checkpoint_every or 1))
 
 
 class _RandomDocument:
@@ -337,16 +346,17 @@ class _RandomDocument:
         return {"input_ids": tokens, "position_ids": positions, "labels": next_token_labels(tokens, positions)}
 
 
-def build_training_step(job: JobConfig, ranks: Ranks) -> Callable[[int], None]:
+def build_training_step(job: JobConfig, ranks: Ranks) -> tuple[Callable[[int], None], Training]:
     """One optimizer step of `job` on a random document of a given length, on the model `trainer.loop.run`
-    builds (`build_training`: parameters in the master dtype, seeded initialisation, no weights loaded)."""
+    builds (`build_training`: parameters in the master dtype, seeded initialisation, no weights loaded,
+    activation checkpointing and compilation resolved as the trainer resolves them), and that training."""
     training = build_training(job, ranks)
     vocab = training.model.config.vocab_size
 
     def step(seq_len: int) -> None:
         train_step(training.step_model, training.optimizer, _RandomDocument(seq_len, vocab), job, ranks)
 
-    return step
+    return step, training
 
 
 def _free_cuda_memory() -> None:
@@ -367,9 +377,12 @@ class Run:
     """One job's timed steps and memory."""
 
     job: JobConfig
+    checkpoint_every: int | None  # the activation checkpointing the run resolved
     step_s: list[float]
     peak_bytes: int  # the timed steps' peak above what was allocated before the model was built
-    planned_bytes: int
+    plan: Plan
+    profile: dict | None = None  # `tools.step_profile` of one more step
+    saved_per_layer: dict | None = None  # what autograd saved in each decoder layer's forward, measured
 
     @property
     def median_s(self) -> float:
@@ -377,34 +390,86 @@ class Run:
 
     @property
     def planner_error(self) -> float:
-        return (self.planned_bytes - self.peak_bytes) / self.peak_bytes
+        return (self.plan.total - self.peak_bytes) / self.peak_bytes
 
     @property
     def label(self) -> str:
-        return self.job.ttt.method + (", activation checkpointing" if self.job.train.activation_checkpointing else "")
+        every = self.checkpoint_every
+        checkpointing = "" if every is None else f", checkpointing {'every layer' if every == 1 else f'every {every}'}"
+        compiled = ", compiled" if self.job.train.compiles("cuda") else ""
+        return f"{self.job.model.name} {self.job.ttt.method}, {self.job.data.seq_len // 1024}k{checkpointing}{compiled}"
 
     def summary(self) -> dict:
         job = self.job
         return {
-            "model": job.model.name,
-            "ttt": job.ttt.method,
-            "seq_len": job.data.seq_len,
-            "activation_checkpointing": job.train.activation_checkpointing,
-            "step_s": self.step_s,
-            "median_step_s": self.median_s,
-            "peak_bytes": self.peak_bytes,
-            "planned_bytes": self.planned_bytes,
-            "planner_error": self.planner_error,
-        }
+            "model": job.model.name, "ttt": job.ttt.method, "seq_len": job.data.seq_len,
+            "checkpoint_every": self.checkpoint_every, "compiled": job.train.compiles("cuda"),
+            "step_s": self.step_s, "median_step_s": self.median_s, "peak_bytes": self.peak_bytes,
+            "planned_bytes": self.plan.total, "planned_rows": self.plan.rows, "planned_peak_at": self.plan.peak,
+            "planner_error": self.planner_error, "profile": self.profile, "saved_per_layer": self.saved_per_layer,
+        }  # fmt: skip
 
 
-def time_training(job: JobConfig, ranks: Ranks, deadline: Deadline) -> Run:
-    """TIMED_STEPS steps after WARMUP_STEPS untimed ones (fewer when the deadline nears) and their peak
-    memory: the steady state, optimizer states allocated, which is what the planner plans."""
+def saved_per_layer(training: Training, job: JobConfig, ranks: Ranks) -> dict:
+    """Bytes autograd saves in each decoder layer's forward (unique storages; parameters and the autocast copies
+    of the weights, which the planner counts with the parameters, left out), beside the planner's per-layer
+    activations, with the largest saved tensors of the first plain and first TTT layer: what the planner is
+    calibrated against. One forward, no backward, on a warmed-up (compiled) model."""
+    model = training.model
+    layers = decoder_of(model).layers
+    weight_shapes = {tuple(p.shape) for p in model.parameters()}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    current, seen = [None], {}
+    tensors = [dict() for _ in layers]
+
+    def pack(tensor):
+        ptr = tensor.untyped_storage().data_ptr()
+        layer = current[0]
+        if layer is not None and ptr not in params and ptr not in seen and tuple(tensor.shape) not in weight_shapes:
+            seen[ptr] = layer
+            key = f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+            count, nbytes = tensors[layer].get(key, (0, 0))
+            tensors[layer][key] = (count + 1, nbytes + tensor.untyped_storage().nbytes())
+        return tensor
+
+    hooks = [
+        layer.register_forward_pre_hook(lambda _m, _a, i=i: current.__setitem__(0, i)) for i, layer in enumerate(layers)
+    ]
+    batch = _RandomDocument(job.data.seq_len, model.config.vocab_size).next_batch()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ranks.device.type == "cuda"):
+                training.step_model(*(batch[k].to(ranks.device) for k in ("input_ids", "position_ids", "labels")))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    measured = [sum(nbytes for _, nbytes in layer.values()) for layer in tensors]
+    facts = model_facts(meta_model(job))
+    acts = activations_of(facts, setup_of(job, 1, "cuda"))
+    per_layer = [acts.attention.saved + acts.mlp + (acts.ttt_extra if i in facts.ttt_layer_indices else 0)
+                 for i in range(len(layers))]  # fmt: skip
+    ttt = facts.ttt_layer_indices
+    plain = [i for i in range(len(layers)) if i not in ttt]
+
+    def largest(i: int) -> list:
+        return sorted(((key, *v) for key, v in tensors[i].items()), key=lambda row: -row[2])[:40]
+
+    return {
+        "measured": measured, "planned": per_layer,
+        "plain_layer": {"index": plain[0], "tensors": largest(plain[0])} if plain else None,
+        "ttt_layer": {"index": ttt[0], "tensors": largest(ttt[0])} if ttt else None,
+    }  # fmt: skip
+
+
+def time_training(job: JobConfig, ranks: Ranks, deadline: Deadline, probe_memory: bool = False) -> Run:
+    """TIMED_STEPS steps after WARMUP_STEPS untimed ones (fewer when the deadline nears), their peak memory
+    (the steady state, optimizer states allocated, which is what the planner plans), then one profiled step
+    and, with `probe_memory`, the saved activations per layer."""
     device = ranks.device
     _free_cuda_memory()  # the previous run's model
     before = torch.cuda.memory_allocated(device)
-    step = partial(build_training_step(job, ranks), job.data.seq_len)
+    step, training = build_training_step(job, ranks)
+    step = partial(step, job.data.seq_len)
     for _ in range(WARMUP_STEPS):
         step()
     torch.cuda.reset_peak_memory_stats(device)
@@ -412,33 +477,75 @@ def time_training(job: JobConfig, ranks: Ranks, deadline: Deadline) -> Run:
     while len(seconds) < TIMED_STEPS and deadline.left() > seconds[-1] + MIN_START_S:
         seconds.append(timed(step, device))
     peak = torch.cuda.max_memory_allocated(device) - before
-    return Run(job, seconds, peak, planned_bytes(job))
+    profile = _unless_it_fails(profile_step, step) if deadline.left() > 3 * seconds[-1] + MIN_START_S else None
+    saved = _unless_it_fails(saved_per_layer, training, job, ranks) if probe_memory else None
+    return Run(job, training.checkpoint_every, seconds, peak, planned(job, training.checkpoint_every), profile, saved)
 
 
-def _step_time_row(name: str, run: Run) -> Result:
+def _unless_it_fails(function: Callable[..., dict], *args) -> dict:
+    """A diagnostic's result, or its error: a failing profile must not cost the run's timings."""
+    try:
+        return function(*args)
+    except Exception as err:
+        return {"error": _first_line(err)}
+
+
+def _run_rows(run: Run) -> list[Result]:
+    """The run's step time and the planner against its peak."""
     notes = f"median of {len(run.step_s)}"
-    return Result(name, "info", run.median_s, f"{run.median_s:.3f} s", notes=notes, data=run.summary())
+    if run.profile is not None and "launches" in run.profile:
+        notes += f"; {run.profile['launches']} kernel launches per step"
+    memory = f"planned {run.plan.total / GIB:.2f} GiB, measured {run.peak_bytes / GIB:.2f} GiB"
+    error = run.planner_error
+    status = "pass" if abs(error) <= PLANNER_TOLERANCE else "fail"
+    return [
+        Result(f"step time, {run.label}", "info", run.median_s, f"{run.median_s:.3f} s", notes=notes,
+               data=run.summary()),
+        Result(f"planner vs measured peak, {run.label}", status, error, f"{100 * error:+.1f}%",
+               f"within ±{100 * PLANNER_TOLERANCE:.0f}%", memory, {"planned": run.plan.total, "peak": run.peak_bytes}),
+    ]  # fmt: skip
 
 
 def measure_overhead(ranks: Ranks, deadline: Deadline) -> list[Result]:
-    """Qwen3-0.6B at 32k, ttt=ntp then ttt=none; the planner against the first (ntp) run."""
-    checkpointing = needs_checkpointing(OVERHEAD_MODEL, SEQ_LEN, ranks.device)
-    runs = [
-        time_training(training_job(OVERHEAD_MODEL, ttt, SEQ_LEN, checkpointing), ranks, deadline)
-        for ttt in ("ntp", "none")
-    ]
-    rows = [_step_time_row(f"step time, Qwen3-0.6B, 32k, {run.label}", run) for run in runs]
-    ntp, none = runs
+    """Qwen3-0.6B at 32k, ttt=ntp then ttt=none (activation checkpointing and compilation auto, the same for
+    both as a user would run them); the planner against each; the per-layer activations of the ntp run."""
+    ntp = time_training(training_job(OVERHEAD_MODEL, "ntp", SEQ_LEN), ranks, deadline, probe_memory=True)
+    none = time_training(training_job(OVERHEAD_MODEL, "none", SEQ_LEN), ranks, deadline)
     ratio = ntp.median_s / none.median_s
     status = "pass" if ratio <= OVERHEAD_TARGET else "fail"
     target = f"<= {OVERHEAD_TARGET:.2f}"
-    rows.append(
-        Result(MEASUREMENTS[0], status, ratio, f"{ratio:.3f}", target, "ntp / none step time", {"ratio": ratio})
-    )
-    memory = f"planned {ntp.planned_bytes / GIB:.2f} GiB, measured {ntp.peak_bytes / GIB:.2f} GiB ({ntp.label})"
-    error = ntp.planner_error
-    rows.append(Result(MEASUREMENTS[1], "info", error, f"{100 * error:+.1f}%", notes=memory, data=ntp.summary()))
-    return rows
+    saved = ntp.saved_per_layer
+    layer_notes = saved.get("error") or ", ".join(
+        f"{kind} layer {saved[kind]['index']}: measured {saved['measured'][saved[kind]['index']] / GIB:.2f} GiB, "
+        f"planned {saved['planned'][saved[kind]['index']] / GIB:.2f}"
+        for kind in ("plain_layer", "ttt_layer") if saved[kind]
+    )  # fmt: skip
+    return [
+        *_run_rows(ntp),
+        *_run_rows(none),
+        Result(MEASUREMENTS[0], status, ratio, f"{ratio:.3f}", target, "ntp / none step time", {"ratio": ratio}),
+        Result("saved activations per decoder layer, ntp run", "info", notes=layer_notes, data=saved),
+    ]
+
+
+def measure_baseline(ranks: Ranks, deadline: Deadline, framework_none_s: float | None) -> list[Result]:
+    """The plain transformers step a user would run (`tools.hf_baseline`), checkpointing only where it must,
+    against the framework's ttt=none step at the same length."""
+    _free_cuda_memory()
+    timing = time_hf_step(OVERHEAD_MODEL, SEQ_LEN, ranks.device, steps=TIMED_STEPS, warmup=WARMUP_STEPS)
+    _free_cuda_memory()
+    rows = [Result(f"plain transformers step, {OVERHEAD_MODEL}, 32k", "info", timing.median_s,
+                   f"{timing.median_s:.3f} s" if timing.median_s else "-",
+                   notes=("checkpointing" if timing.checkpointing else "no checkpointing")
+                   + (f" (without: {timing.without_checkpointing.error[:80]})" if timing.without_checkpointing else ""),
+                   data=timing.summary())]  # fmt: skip
+    if framework_none_s is None or timing.median_s is None:
+        return rows + [Result(MEASUREMENTS[1], "skip", notes="a step time is missing")]
+    ratio = framework_none_s / timing.median_s
+    status = "pass" if ratio <= BASELINE_TARGET else "fail"
+    notes = f"framework ttt=none {framework_none_s:.3f} s / plain transformers {timing.median_s:.3f} s"
+    data = {"ratio": ratio, "framework_s": framework_none_s, "plain_s": timing.median_s}
+    return rows + [Result(MEASUREMENTS[1], status, ratio, f"{ratio:.3f}", f"<= {BASELINE_TARGET:.2f}", notes, data)]
 
 
 def model_flops(params: int, layers: int, attention_width: int, seq_len: int) -> float:
@@ -456,42 +563,51 @@ def measure_mfu(ranks: Ranks, deadline: Deadline, peak: float | None) -> list[Re
     if peak is None:
         name = torch.cuda.get_device_name(ranks.device)
         return [Result(MEASUREMENTS[2], "skip", notes=f"peak FLOP/s of {name} unknown: pass --peak-tflops")]
-    checkpointing = needs_checkpointing(MFU_MODEL, SEQ_LEN, ranks.device)
-    run = time_training(training_job(MFU_MODEL, "ntp", SEQ_LEN, checkpointing), ranks, deadline)
+    run = time_training(training_job(MFU_MODEL, "ntp", SEQ_LEN), ranks, deadline)
     facts = model_facts(meta_model(run.job))
     flops = model_flops(facts.params, facts.layers, facts.heads * facts.head_dim, SEQ_LEN)
     mfu = flops / run.median_s / peak
     notes = f"{flops / 1e12:.0f} TFLOP per {run.median_s:.3f} s step ({run.label}), peak {peak / 1e12:.0f} TFLOP/s"
     data = {**run.summary(), "model_flops": flops, "peak_flops": peak, "mfu": mfu}
     status = "pass" if mfu >= MFU_TARGET else "fail"
-    return [Result(MEASUREMENTS[2], status, mfu, f"{100 * mfu:.1f}%", f">= {100 * MFU_TARGET:.0f}%", notes, data)]
+    return [
+        *_run_rows(run),
+        Result(MEASUREMENTS[2], status, mfu, f"{100 * mfu:.1f}%", f">= {100 * MFU_TARGET:.0f}%", notes, data),
+    ]
 
 
 def measure_longest(ranks: Ranks, deadline: Deadline) -> list[Result]:
-    """One training step per length of LADDER with activation checkpointing, until the first out-of-memory
-    error or until the next length would not finish in the time left."""
+    """One training step per length of LADDER, activation checkpointing and compilation auto, until the first
+    out-of-memory error or until the next length would not finish in the time left."""
     device = ranks.device
-    before = torch.cuda.memory_allocated(device)
-    step = build_training_step(training_job(OVERHEAD_MODEL, "ntp", LADDER[0], checkpointing=True), ranks)
     rows, longest, stop = [], 0, "every length trained"
     for seq_len in LADDER:
         if longest:
-            predicted = rows[-1].value * (seq_len / longest) ** 2  # attention's S^2 dominates at these lengths
+            predicted = 1.5 * rows[-1].value * (seq_len / longest) ** 2  # attention's S^2; a compile on first use
             if predicted > deadline.left():
                 stop = f"{seq_len} not tried: predicted {predicted:.0f} s, {deadline.left():.0f} s left"
                 break
-        torch.cuda.reset_peak_memory_stats(device)
+        _free_cuda_memory()
+        before = torch.cuda.memory_allocated(device)
+        job = training_job(OVERHEAD_MODEL, "ntp", seq_len)
         try:
+            step, training = build_training_step(job, ranks)
+            every = training.checkpoint_every
+            del training  # the step holds what it needs; the rest goes with it
+            torch.cuda.reset_peak_memory_stats(device)
             seconds = timed(partial(step, seq_len), device)
         except torch.cuda.OutOfMemoryError as err:
             stop = f"{seq_len}: out of memory ({_first_line(err)[:120]})"
             break
+        finally:
+            step = None
         peak = torch.cuda.max_memory_allocated(device) - before
-        name = f"one step, Qwen3-0.6B ntp, {seq_len} tokens, checkpointing"
-        data = {"seq_len": seq_len, "step_s": seconds, "peak_bytes": peak}
-        rows.append(Result(name, "info", seconds, f"{seconds:.1f} s", notes=f"peak {peak / GIB:.1f} GiB", data=data))
+        plan_bytes = planned(job, every).total
+        name = f"first step (compilation included), Qwen3-0.6B ntp, {seq_len} tokens, checkpointing every {every}"
+        notes = f"peak {peak / GIB:.1f} GiB, planned {plan_bytes / GIB:.1f} ({100 * (plan_bytes - peak) / peak:+.1f}%)"
+        data = {"seq_len": seq_len, "step_s": seconds, "peak_bytes": peak, "planned_bytes": plan_bytes}
+        rows.append(Result(name, "info", seconds, f"{seconds:.1f} s", notes=notes, data=data))
         longest = seq_len
-    del step
     _free_cuda_memory()  # after an out-of-memory error: the failed step's tensors
     status = "pass" if longest >= LONGEST_TARGET else "fail"
     data = {"longest": longest, "stopped": stop, "ladder": list(LADDER)}
@@ -514,12 +630,14 @@ def gpu_measurements(deadline: Deadline, peak_tflops: float | None) -> list[Resu
     _free_cuda_memory()  # what the checks cached
     ranks = setup_ranks(1)
     peak = peak_flops(torch.cuda.get_device_name(ranks.device), peak_tflops)
+    rows = run_measurement(MEASUREMENTS[0], partial(measure_overhead, ranks, deadline), deadline)
+    none_s = next((r.value for r in rows if r.name.startswith("step time") and r.data.get("ttt") == "none"), None)
     measurements = [
-        (MEASUREMENTS[0], partial(measure_overhead, ranks, deadline)),  # its first run gives the planner's row
+        (MEASUREMENTS[1], partial(measure_baseline, ranks, deadline, none_s)),
         (MEASUREMENTS[2], partial(measure_mfu, ranks, deadline, peak)),
         (MEASUREMENTS[3], partial(measure_longest, ranks, deadline)),
     ]
-    return [row for name, measure in measurements for row in run_measurement(name, measure, deadline)]
+    return rows + [row for name, measure in measurements for row in run_measurement(name, measure, deadline)]
 
 
 # --- command line ----------------------------------------------------------------------------------

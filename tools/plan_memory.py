@@ -42,9 +42,15 @@ decoder layers of which T are TTT layers; d x h the MLP; steady state (optimizer
 - fast-weight states: (committed, pending) pairs of d x h fp32 per sequence. The chunk scan's backward
   holds three (its recomputed state, the state's gradient, the gradient it returns); under CP the
   state scan sends and receives one pair and each TTT layer keeps its incoming pair until its backward.
-- loss (`trainer.kernels.loss.linear_cross_entropy`): the Triton kernels (CUDA) hold fp32 gradients of the
-  hidden states and the head and their casts; the torch path (CPU, fp64) two (4096 x vocab) fp32
-  blocks, an fp32 copy of the head, its fp32 gradient and the hidden states' gradient.
+- loss (`trainer.kernels.loss.linear_cross_entropy`), its largest moment: on CUDA liger-kernel's fused
+  linear cross-entropy computes both gradients in its forward, r token rows at a time (V the vocabulary,
+  r = min(s, ceil(s / ceil(V / d)) rounded up to a power of two)): it holds the gradient of the hidden
+  states (a), the head's gradient accumulated in fp32, the per-token loss in fp32, and one (r x V) logits
+  block (a) or, at its end, the head's gradient cast to a; beside that the casts to a of the hidden states
+  and the head when the step's weights are fp32 (no engine shards them). Its backward holds the two
+  gradients in a and, behind those casts, the hidden states' fp32 gradient (the head's is a root
+  gradient). The torch path (CPU, fp64) holds two (4096 x V) fp32 blocks, an fp32 copy of the head, its
+  fp32 gradient and the hidden states' gradient.
 
 The step's peak is the largest of three moments: the loss's backward (every activation saved), the
 backward of the last decoder layer (every activation saved, that layer recomputed with activation
@@ -180,7 +186,7 @@ class Setup:
     model_dtype: str  # model.dtype: what weights compute in
     device: str
     act_bytes: int
-    triton_loss: bool  # the loss runs the Triton kernels (CUDA) rather than the torch path
+    fused_loss: bool  # the loss runs liger-kernel's fused linear cross-entropy (CUDA) rather than the torch path
     ttt: TTTConfig
 
     @property
@@ -212,7 +218,7 @@ def _engine(engine: str, zero_stage: int, gpus: int) -> str:
 
 def setup_of(job: JobConfig, gpus: int, device: str) -> Setup:
     param_bytes = DTYPES[job.model.dtype].itemsize
-    cuda = device == "cuda" and job.model.dtype != "float64"  # bf16 autocast and the Triton loss
+    cuda = device == "cuda" and job.model.dtype != "float64"  # bf16 autocast and the fused loss
     par = job.parallel
     return Setup(
         seq_len=job.data.seq_len,
@@ -221,14 +227,14 @@ def setup_of(job: JobConfig, gpus: int, device: str) -> Setup:
         gpus=gpus,
         engine=_engine(par.engine, par.zero_stage, gpus),
         offload=par.engine == "deepspeed" and par.offload and gpus > 1,
-        checkpointing=job.train.activation_checkpointing,
+        checkpointing=bool(job.train.activation_checkpointing),  # auto (None) is resolved by `cheapest_checkpointing`
         checkpoint_every=job.train.checkpoint_every_n_layers,
         attention=par.attention,
         load_balance=par.load_balance,
         model_dtype=job.model.dtype,
         device=device,
         act_bytes=torch.bfloat16.itemsize if cuda else param_bytes,
-        triton_loss=cuda,
+        fused_loss=cuda,
         ttt=job.ttt,
     )
 
@@ -315,13 +321,14 @@ def mlp_bytes(m: ModelFacts, st: Setup) -> int:
 def ttt_extra_bytes(m: ModelFacts, st: Setup) -> int:
     """Per TTT layer: the value targets V, the method's intermediate target, the normalized write's unit
     keys (h wide), its gated values g V and the gated sum it divides by the gate mass (d wide each), six
-    per-token scalars (the key norm, the gate's logit and value, the mass scan's unit key, the mass and its
-    clamp) and the division's bool mask, and under CP the fp32 copy of Z that reads the incoming state (when
-    Z is not fp32 already)."""
+    per-token scalars (the key norm, the gate's logit and value, the mass's unit key, the mass and its clamp),
+    the division's bool mask and what the mass's prefix sums keep (`chunk_sum`: the fp64 sums and two int64
+    gather indices per token), and under CP the fp32 copy of Z that reads the incoming state (when Z is not
+    fp32 already)."""
     a, d = st.act_bytes, m.hidden
     per_token = a * d
     if st.ttt.write == "normalized":
-        per_token += a * m.intermediate + 2 * a * d + 6 * a + 1
+        per_token += a * m.intermediate + 2 * a * d + 6 * a + 1 + 3 * INDEX_BYTES
     if st.ttt.method == "ntp":
         per_token += a * d + a  # the shifted source and its next-in-document mask
     elif st.ttt.method == "inplace" and st.ttt.proj:
@@ -398,13 +405,19 @@ def held_state_pairs(m: ModelFacts, st: Setup, in_backward: bool) -> int:
 
 
 def loss_bytes(m: ModelFacts, st: Setup) -> int:
-    """The loss's backward working set."""
+    """The loss's working set at its largest moment."""
     head, hidden = m.vocab * m.hidden, st.tokens * m.hidden
-    if st.triton_loss:  # fp32 gradient buffers, cast to the dtypes of hidden states and head
-        casts = (hidden * st.act_bytes if st.act_bytes != FP32 else 0) + (
-            head * st.param_bytes if st.param_bytes != FP32 else 0
-        )
-        return (hidden + head) * FP32 + casts
+    if st.fused_loss:  # liger's forward computes both gradients (trainer/kernels/loss.py); a is what it runs in
+        a = st.act_bytes
+        cast = st.master_bytes != a and not SHARDED[st.engine][0]  # fp32 weights: hidden states and head cast to a
+        casts = (hidden + head) * a if cast else 0
+        chunks = math.ceil(m.vocab / m.hidden)  # liger's: a (rows x V) block of logits is about the size of hidden
+        rows = min(st.tokens, 1 << (math.ceil(st.tokens / chunks) - 1).bit_length())  # rounded up to a power of 2
+        # the hidden states' gradient, the head's in fp32, the per-token loss; the logits block in the
+        # loop, then the head's gradient cast to a (the block freed first)
+        forward = casts + hidden * a + head * FP32 + st.tokens * FP32 + max(rows * m.vocab * a, head * a)
+        backward = (hidden + head) * a + (hidden * FP32 if cast else 0)  # the casts' backward: fp32 gradients
+        return max(forward, backward)
     acc = st.acc_bytes
     blocks = 2 * min(LOSS_CHUNK, st.tokens) * m.vocab * acc  # a logits block and its softmax
     head_copy = head * acc if st.param_bytes != acc else 0
@@ -473,6 +486,27 @@ def plan(m: ModelFacts, st: Setup) -> Plan:
     return Plan(st, act, held)
 
 
+AUTO_BUDGET = 0.9  # of the GPU's memory: what `train.activation_checkpointing=auto` plans a step into
+
+
+def cheapest_checkpointing(m: ModelFacts, st: Setup, budget_bytes: int) -> Setup:
+    """The activation checkpointing that recomputes the fewest decoder layers while the step fits the budget:
+    none, else every n-th layer (`train.checkpoint_every_n_layers`) for the largest n, else every layer (which
+    may still not fit: then the step is as small as checkpointing makes it). Recomputing a layer costs its
+    forward again, about a third of its step, whichever layer it is."""
+    candidates = [replace(st, checkpointing=False)]
+    candidates += [replace(st, checkpointing=True, checkpoint_every=n) for n in range(m.layers, 0, -1)]
+    return next((c for c in candidates if plan(m, c).total <= budget_bytes), candidates[-1])
+
+
+def auto_checkpoint_every(job: JobConfig, model: torch.nn.Module, gpus: int) -> int | None:
+    """`train.activation_checkpointing=auto` on this CUDA device: the `checkpoint_every_n_layers` to run with
+    (None: no checkpointing), from the plan of `job` on `model` (the meta model the trainer builds)."""
+    budget = int(AUTO_BUDGET * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    chosen = cheapest_checkpointing(model_facts(model), setup_of(job, gpus, "cuda"), budget)
+    return chosen.checkpoint_every if chosen.checkpointing else None
+
+
 def smallest_fitting_cp(m: ModelFacts, st: Setup, budget_bytes: int) -> Plan | None:
     """The plan at the smallest power-of-two CP degree that divides the GPUs, suits the sequence
     length and fits the budget; None if none does."""
@@ -515,8 +549,8 @@ def _row_notes(m: ModelFacts, result: Plan) -> dict[str, str]:
         + (f", CPU masks {_gib(act.attention.mask * kv_layers)}" if act.attention.mask else "")
         + " GiB of it",
         "fast-weight states": f"{m.ttt_layers} TTT layers, pairs of {m.hidden} x {m.intermediate} fp32",
-        "loss": "Triton: fp32 gradients of hidden states and head"
-        if st.triton_loss
+        "loss": "liger: gradients of hidden states and head (fp32) in its forward, one logits block"
+        if st.fused_loss
         else f"{LOSS_CHUNK} tokens x {m.vocab} vocab blocks in fp32, fp32 head and its gradient",
     }
 
@@ -595,7 +629,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     facts = model_facts(meta_model(job))
     setup = setup_of(job, args.gpus, args.device)
-    fit = smallest_fitting_cp(facts, setup, int(args.gpu_memory_gb * GIB))
+    budget = int(args.gpu_memory_gb * GIB)
+    if job.train.activation_checkpointing is None and args.device == "cuda":  # auto: as the trainer resolves it
+        setup = cheapest_checkpointing(facts, setup, int(AUTO_BUDGET * budget))
+    fit = smallest_fitting_cp(facts, setup, budget)
     if args.markdown_row:
         print(markdown_row(job.model.name, facts, setup, fit))
     else:

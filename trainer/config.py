@@ -85,10 +85,16 @@ class TrainConfig:
     steps: int
     grad_accum: int
     grad_clip: float | None
-    activation_checkpointing: bool
+    activation_checkpointing: bool | None  # None: auto, the cheapest that fits the GPU (`tools.plan_memory`)
     checkpoint_every_n_layers: int  # selective activation checkpointing: recompute every n-th layer
     max_nonfinite_steps: int
     progress: bool
+    compile: bool | None = None  # regional torch.compile of the decoder layers; None: auto (see `compiles`)
+
+    def compiles(self, device_type: str) -> bool:
+        """`train.compile` resolved on the device a job trains on: auto compiles on CUDA only (on CPU,
+        inductor's C++ compilation costs more than a short run gains)."""
+        return self.compile if self.compile is not None else device_type == "cuda"
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,13 @@ def _choice(section: dict, key: str, prefix: str, choices: tuple[str, ...]) -> s
     value = section.get(key)
     _require(value in choices, f"{prefix}.{key}", f"one of {', '.join(choices)}", value)
     return value
+
+
+def _auto_bool(section: dict, key: str, prefix: str) -> bool | None:
+    """true, false, or auto (None: decided where the job runs); absent means auto."""
+    value = section.get(key, "auto")
+    _require(isinstance(value, bool) or value == "auto", f"{prefix}.{key}", "one of auto, true, false", value)
+    return None if value == "auto" else value
 
 
 def _section(tree: dict, key: str) -> dict:
@@ -275,14 +288,21 @@ def job_config(cfg: DictConfig | dict) -> JobConfig:
         tags=tuple(str(t) for t in tags),
     )
     clip = train.get("grad_clip")
+    compile_layers = _auto_bool(train, "compile", "train")
+    if parallel_cfg.engine == "deepspeed" and parallel_cfg.zero_stage == 3:  # auto: off
+        # ZeRO-3 hands a compiled layer empty parameter shards (it gathers them behind dynamo's back)
+        expected = "auto or false with parallel.engine=deepspeed and parallel.zero_stage=3"
+        _require(compile_layers is not True, "train.compile", expected, compile_layers)
+        compile_layers = False
     train_cfg = TrainConfig(
         steps=_int(train, "steps", "train"),
         grad_accum=_int(train, "grad_accum", "train"),
         grad_clip=None if clip is None else _number(train, "grad_clip", "train", positive=True),
-        activation_checkpointing=bool(train.get("activation_checkpointing")),
+        activation_checkpointing=_auto_bool(train, "activation_checkpointing", "train"),
         checkpoint_every_n_layers=_int(train, "checkpoint_every_n_layers", "train"),
         max_nonfinite_steps=_int(train, "max_nonfinite_steps", "train"),
         progress=bool(train.get("progress", True)),
+        compile=compile_layers,
     )
     resume = ckpt.get("resume")
     _require(resume is None or isinstance(resume, str), "checkpoint.resume", "null, 'auto' or a path", resume)

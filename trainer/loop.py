@@ -20,6 +20,7 @@ from parallel.mesh import build_mesh
 from parallel.pieces import CPGroup
 from parallel.sharding import IGNORE_INDEX, shard_batch
 from trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from trainer.compile import apply_compile
 from trainer.config import JobConfig
 from trainer.data import SequenceLoader, build_dataset, sizes_only, stream_identity
 from trainer.evaluation.answers import answer_accuracy
@@ -149,17 +150,33 @@ class Training(NamedTuple):
     step_model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     deepspeed_engine: object | None
+    checkpoint_every: int | None  # activation checkpointing recomputes every n-th decoder layer (None: off)
+
+
+def checkpointing_of(job: JobConfig, model: torch.nn.Module, ranks: Ranks) -> int | None:
+    """Every how many decoder layers activation checkpointing recomputes one (None: off). auto asks the memory
+    planner on CUDA for the fewest that fit the GPU, and is off on CPU (no device memory to plan for)."""
+    if job.train.activation_checkpointing is None:
+        if ranks.device.type != "cuda":
+            return None
+        from tools.plan_memory import auto_checkpoint_every  # late: the planner composes configs with Hydra
+
+        return auto_checkpoint_every(job, model, ranks.world)
+    return job.train.checkpoint_every_n_layers if job.train.activation_checkpointing else None
 
 
 def build_training(job: JobConfig, ranks: Ranks) -> Training:
-    """The model of `job` on this rank: built on the meta device, context-parallel and checkpointed as
-    configured, materialised (sharded by FSDP2 when that is the engine), pretrained weights loaded."""
+    """The model of `job` on this rank: built on the meta device, context-parallel, checkpointed and compiled
+    as configured, materialised (sharded by FSDP2 when that is the engine), pretrained weights loaded."""
     engine = job.parallel.engine if ranks.world > 1 else "single"
     model = build_meta_model(job.model, job.ttt, master_dtype(job.model.dtype, ranks.device, engine))
     if ranks.cp is not None:
         apply_cp(model, ranks.cp, job.parallel.attention)
-    if job.train.activation_checkpointing:
-        enable_activation_checkpointing(model, job.train.checkpoint_every_n_layers)
+    checkpoint_every = checkpointing_of(job, model, ranks)
+    if checkpoint_every is not None:
+        enable_activation_checkpointing(model, checkpoint_every)
+    if job.train.compiles(ranks.device.type):  # before FSDP2 wraps the layers, as torchtitan does
+        apply_compile(model)
     step_model = CausalLMLoss(model)
     materialize = Materializer(model, ranks.device, job.seed)
     if engine == "fsdp2":
@@ -171,12 +188,12 @@ def build_training(job: JobConfig, ranks: Ranks) -> Training:
     step_model.train()
     optimizer = build_optimizer(model, job.optim)
     if engine != "deepspeed":
-        return Training(model, step_model, optimizer, None)
+        return Training(model, step_model, optimizer, None, checkpoint_every)
     engine_model, optimizer = init_deepspeed(
         step_model, optimizer, job.data.batch_size, job.train.grad_accum, job.train.grad_clip,
         job.parallel.zero_stage, job.parallel.offload,
     )  # fmt: skip
-    return Training(model, engine_model, optimizer, engine_model)
+    return Training(model, engine_model, optimizer, engine_model, checkpoint_every)
 
 
 def run(
@@ -186,7 +203,10 @@ def run(
     for SIGTERM and SIGUSR1) catches saves a checkpoint after the current step and ends training there."""
     ranks = setup_ranks(job.parallel.cp, job.parallel.load_balance, job.parallel.overlap_state_scan)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, step_model, optimizer, deepspeed_engine = build_training(job, ranks)
+    model, step_model, optimizer, deepspeed_engine, checkpoint_every = build_training(job, ranks)
+    if ranks.rank == 0 and job.train.activation_checkpointing is None and ranks.device.type == "cuda":
+        chosen = "off" if checkpoint_every is None else f"every {checkpoint_every} layer(s)"
+        print(f"activation checkpointing (auto, the memory planner's choice): {chosen}", file=sys.stderr)
     vocab_size = model.config.vocab_size
     options = sizes_only(job.data.name, job.data.options)  # start-up (trainer/preflight.py) hashed the shards
     dataset = build_dataset(job.data.name, job.data.seq_len, vocab_size, job.seed, options)
