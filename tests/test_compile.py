@@ -17,6 +17,8 @@ from trainer.model import CausalLMLoss, enable_activation_checkpointing
 from trainer.ttt import TTTConfig, patch_model
 
 VOCAB, SEQ = 128, 64
+# torch 2.13's inductor calls its own deprecated torch.jit.script_method while compiling for the CPU
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 @pytest.fixture(autouse=True)

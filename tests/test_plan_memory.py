@@ -24,6 +24,7 @@ from tools.benchutil import peak_bytes
 from tools.plan_memory import (
     GIB,
     SHARDED,
+    activations_of,
     compose_config,
     main,
     meta_model,
@@ -38,6 +39,7 @@ from trainer.data import SequenceLoader, build_dataset
 from trainer.loop import setup_ranks, train_step
 from trainer.model import CausalLMLoss, build_model, enable_activation_checkpointing
 from trainer.optim import build_optimizer
+from trainer.ttt.patch import decoder_of
 
 TOLERANCE = 0.25
 SMALL = [  # a somewhat larger Qwen3-style model than tiny, with a vocabulary the loss notices
@@ -137,6 +139,47 @@ def test_saved_activations_follow_the_code_tensor_by_tensor(method):
     job = _job(f"ttt={method}", "data.seq_len=512")
     saved, planned = _saved_bytes(job), _planned_saved(job)
     assert abs(planned - saved) <= 1e-4 * saved, (saved, planned)
+
+
+def _saved_per_layer_under_autocast(job) -> list[int]:
+    """Bytes each decoder layer's forward saves with fp32 weights computing under bf16 autocast, as the CUDA
+    step runs (CPU autocast makes the same casts; activations, parameters left out, a storage counted in the
+    layer that saved it first)."""
+    model = build_model(job.model, job.ttt, torch.device("cpu"), job.seed).train()
+    layers = decoder_of(model).layers
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    current, seen, saved = [0], set(), [0] * len(layers)
+
+    weight_sizes = {p.numel() for p in model.parameters()}
+
+    def pack(tensor):
+        ptr = tensor.untyped_storage().data_ptr()
+        weight_cast = tensor.numel() in weight_sizes and job.data.seq_len not in tensor.shape  # counted as parameters
+        if ptr not in params and ptr not in seen and not weight_cast:
+            seen.add(ptr)
+            saved[current[0]] += tensor.untyped_storage().nbytes()
+        return tensor
+
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda _module, _args, i=i: current.__setitem__(0, i))
+    batch = build_dataset(job.data.name, job.data.seq_len, model.config.vocab_size, job.seed, job.data.options)[0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        decoder_of(model)(batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    return saved
+
+
+@pytest.mark.parametrize("method", ["ntp", "inplace", "none"])
+def test_saved_activations_under_autocast_follow_the_code(method):
+    """The CUDA plan (bf16 activations, fp32 master weights, so an fp32 residual stream and a cast of each norm's
+    output per linear layer reading it) against what a decoder layer saves under autocast. The first layer also
+    holds the rotary tables and the last the final norm: the layers between are compared."""
+    job = _job(*SMALL, f"ttt={method}", "data.seq_len=1536")
+    facts = model_facts(meta_model(job))
+    acts = activations_of(facts, setup_of(job, 1, "cuda"))
+    saved = _saved_per_layer_under_autocast(job)
+    for i in range(1, facts.layers - 1):
+        planned = acts.attention.saved + acts.mlp + (acts.ttt_extra if i in facts.ttt_layer_indices else 0)
+        assert abs(planned - saved[i]) <= 5e-3 * saved[i], (i, saved[i], planned)
 
 
 def _saved_on_rank(rank: int, ranks: int, overrides: list[str], out_dir: Path) -> None:

@@ -1,50 +1,55 @@
-"""Check every CUDA path against its reference and measure the framework's speed on one GPU.
+"""Check every CUDA path against its reference and measure the framework's speed and memory on one GPU.
 
     python -m tools.gpu_check [--out gpu_check.json] [--budget-s 450] [--peak-tflops T]
 
 Checks (each a relative error ||got - want|| / ||want||, in fp64, of the output and of every input's
 gradient under a random cotangent; the row shows the largest, the JSON each):
-- attention: the segment plan (`parallel.segments.segment_attention`; on CUDA one `varlen_attn` call)
-  against the dense-mask reference `naive_document_attention` in fp64 on the same inputs. Every rank of a
-  head-tail CP group of 2 in one process: packed documents straddling pieces, one starting on a piece
-  edge, a one-document row, GQA, with and without a sliding window. CUDA: bf16 and fp32 inputs (the
-  kernel computes in bf16 either way), tolerance 2e-2; CPU: fp64, 1e-10.
-- Triton cross-entropy (`trainer.kernels.loss_triton`) against `naive_linear_cross_entropy` in fp64, with ignored
-  labels and sizes that are not multiples of the blocks. CUDA: bf16 (tolerance 2e-2), and fp32 (1e-4),
-  which is what the trainer calls under autocast (the final norm's fp32 output, the fp32 master head);
-  CPU: fp32 under the Triton interpreter (TRITON_INTERPRET=1), 1e-4, skipped without triton.
-- chunk scan (`trainer.ttt.fastweight.chunk_scan`) against the prefix-sum reference `naive_fastweight` in
-  fp64, packed documents: CUDA bf16, tolerance 2e-2; CPU fp32, 1e-4.
+- attention: the segment plan (`parallel.segments.segment_attention`; on CUDA one `varlen_attn` call, the K/V
+  heads repeated where the torch release's `varlen_attn` has no `enable_gqa`) against the dense-mask reference
+  `naive_document_attention` in fp64 on the same inputs. Every rank of a head-tail CP group of 2 in one process:
+  packed documents straddling pieces, one starting on a piece edge, a one-document row, GQA, with and without a
+  sliding window. CUDA: bf16 and fp32 inputs (the kernel computes in bf16 either way), tolerance 2e-2; CPU: fp64,
+  1e-10.
+- the loss head as the trainer runs it (`trainer.kernels.loss.linear_cross_entropy`: liger-kernel's fused linear
+  cross-entropy on CUDA) against `naive_linear_cross_entropy` in fp64, with ignored labels and sizes that are not
+  multiples of any block. CUDA: bf16 (tolerance 2e-2) and fp32 (1e-4); CPU: the chunked torch path, fp32.
+- the chunk scan (`trainer.ttt.fastweight.chunk_scan`: the Triton kernels on CUDA) against the prefix-sum
+  reference `naive_fastweight` in fp64, packed documents; and as context parallelism runs it, a sequence cut
+  mid-chunk and mid-document, the second piece continuing from the first's (committed, pending) state. CUDA: bf16,
+  2e-2; CPU: the torch loop in fp32 and the Triton kernels under the interpreter (TRITON_INTERPRET=1), 1e-4.
 
-Measurements (CUDA only). Every training step is the trainer's own (`trainer.loop.train_step` on the
-model `trainer.loop.run` builds for one process: fp32 master weights, bf16 autocast, the Triton loss,
-AdamW, gradient clipping), on one random document per step, random init from `conf/model/*.yaml`:
-- step time of Qwen3-0.6B at 32k tokens, ttt=ntp against ttt=none (model defaults: every 4th layer,
-  C=512): median of 3 steps after 2 warm-up steps; target ntp / none <= 1.10. Activation checkpointing
-  is on only when the memory planner says the ntp step needs more than 90% of the GPU (the same setting
-  for both), as a user would run it.
-- MFU of Qwen3-1.7B, ttt=ntp, at 32k (checkpointing chosen the same way): model FLOPs per step over the
-  median step time over the GPU's peak dense bf16 FLOP/s (H100 SXM and H200: 989e12; `--peak-tflops`
-  for other GPUs). Model FLOPs of one causal sequence of S tokens, N parameters (the tied head counted
-  once, TTT parameters included), L layers of H heads of dimension hd:
+Measurements (CUDA only). Every training step is the trainer's own (`trainer.loop.train_step` on the model
+`trainer.loop.build_training` builds for one process: fp32 master weights, bf16 autocast, the fused loss, the
+Triton scan, AdamW, gradient clipping, `train.compile` and `train.activation_checkpointing` at their defaults,
+auto: compiled, and checkpointing only as much as the memory planner says the GPU needs), on one random document
+per step, random init from `conf/model/*.yaml`; each run reports its median step time, its peak memory
+(`torch.cuda.max_memory_allocated` over the timed steps, above what was allocated before the model was built)
+against the planner's (`tools.plan_memory`, target within ±5%), and a profile of one more step (`tools.step_profile`:
+top kernels, kernel launches per step):
+- step time of Qwen3-0.6B at 32k tokens, ttt=ntp against ttt=none (model defaults: every 4th layer, C=512):
+  median of 3 steps after 2 warm-up steps; target ntp / none <= 1.05. The ntp run also measures what autograd
+  saves in each decoder layer's forward against the planner's per-layer activations (the largest saved tensors
+  of a plain and a TTT layer in the JSON: what the planner is calibrated with).
+- the plain transformers step a user would run instead (`tools.hf_baseline`: SDPA, the model's own loss, fused
+  AdamW, checkpointing only if the step runs out of memory without it) at the same length; target: the
+  framework's ttt=none step <= 0.7x it.
+- MFU of Qwen3-1.7B, ttt=ntp, at 32k: model FLOPs per step over the median step time over the GPU's peak dense
+  bf16 FLOP/s (H100 SXM and H200: 989e12; `--peak-tflops` for other GPUs). Model FLOPs of one causal sequence of
+  S tokens, N parameters (the tied head counted once, TTT parameters included), L layers of H heads of dimension
+  hd:
 
       6 N S  +  6 L (H hd) S^2
 
-  (forward 2 and backward 4 FLOPs per parameter and token; attention's QK^T and AV, 4 (H hd) S^2 per
-  layer forward without the mask, halved by causality, times 3 with the backward). Not counted: the
-  recomputation of activation checkpointing and the fast-weight scan's own FLOPs, so MFU errs low.
-  Target >= 35%.
-- the longest sequence Qwen3-0.6B with ttt=ntp trains (one full step) with activation checkpointing:
-  64k, 128k, 256k, 384k tokens until the first CUDA out-of-memory error, or until the next length's
-  predicted time (the last step's, scaled by the squared length ratio) exceeds the time left; target
-  >= 256k (on an H200).
-- the memory planner (`tools.plan_memory`) against the measured peak (`torch.cuda.max_memory_allocated`
-  over the timed steps, above what was allocated before the model was built) of the first run; no
-  target, the JSON has it for every run.
+  (forward 2 and backward 4 FLOPs per parameter and token; attention's QK^T and AV, 4 (H hd) S^2 per layer
+  forward without the mask, halved by causality, times 3 with the backward). Not counted: the recomputation of
+  activation checkpointing and the fast-weight scan's own FLOPs, so MFU errs low. Target >= 45%.
+- the longest sequence Qwen3-0.6B with ttt=ntp trains (one first step, compilation included, checkpointing auto):
+  128k, 256k, 384k, 512k tokens until the first CUDA out-of-memory error, or until the next length's predicted
+  time exceeds the time left; target 512k (on an H200).
 
-Time: checks and measurements keep to `--budget-s` (default 450 s: 8 minutes with start-up). A
-measurement starts only with enough time left and takes fewer timed steps when time runs short; a
-failing one records its error and the next one runs.
+Time: checks and measurements keep to `--budget-s` (default 450 s: 8 minutes with start-up). A measurement
+starts only with enough time left and takes fewer timed steps when time runs short; a failing one records its
+error and the next one runs.
 
 Output: a markdown table (check or measurement, value, target, result, notes) and a JSON file with every
 number, the device name and the versions. Without CUDA it runs the CPU checks, says so in one line and

@@ -204,6 +204,12 @@ class Setup:
         return self.batch * self.seq_len // self.cp
 
     @property
+    def fp32_residual(self) -> bool:
+        """fp32 weights computing under autocast (no engine casts them to bf16): the embeddings, and so the
+        residual stream and every RMSNorm's input, are fp32."""
+        return self.act_bytes < FP32 and self.master_bytes == FP32 and not SHARDED[self.engine][0]
+
+    @property
     def acc_bytes(self) -> int:
         """Fast-weight states and the loss accumulate in at least fp32."""
         return max(self.act_bytes, FP32)
@@ -242,9 +248,14 @@ def setup_of(job: JobConfig, gpus: int, device: str) -> Setup:
 # --- activations -----------------------------------------------------------------------------------
 
 
-def _norm(width: int, a: int) -> int:
-    """Per token: an RMSNorm's fp32 input and rsqrt, its normalized values, and its output (which
-    the next op saves)."""
+def _norm(width: int, st: Setup, readers: int = 1) -> int:
+    """Per token: an RMSNorm's fp32 input and rsqrt, its normalized values, and what the `readers` linear layers
+    reading its output keep of it. On a bf16 residual stream the normalized values and the output are in a, the
+    output shared by its readers. On an fp32 one (`Setup.fp32_residual`) the normalized values stay fp32 and
+    every reader keeps its own cast to a (autocast caches the casts of weights, not of activations)."""
+    a = st.act_bytes
+    if st.fp32_residual:
+        return (2 * NORM_BYTES + readers * a) * width + NORM_BYTES
     return (NORM_BYTES + 2 * a) * width + NORM_BYTES
 
 
@@ -283,7 +294,9 @@ class Attention:
 def attention_bytes(m: ModelFacts, st: Setup) -> Attention:
     a, s = st.act_bytes, st.tokens
     q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
-    saved = (_norm(m.hidden, a) + a * q + LSE_BYTES * m.heads) * s  # input norm, rotated queries, lse
+    saved = (
+        _norm(m.hidden, st, readers=3) + a * q + LSE_BYTES * m.heads
+    ) * s  # input norm (q, k, v read it), queries, lse
     if m.qk_norm:  # per-head RMSNorms before the rotation (their outputs are rotated, not saved)
         saved += ((NORM_BYTES + a) * (q + kv) + NORM_BYTES * (m.heads + m.kv_heads)) * s
     if st.cp == 1:  # transformers' causal SDPA; its output is o_proj's input
@@ -315,7 +328,7 @@ def attention_bytes(m: ModelFacts, st: Setup) -> Attention:
 
 def mlp_bytes(m: ModelFacts, st: Setup) -> int:
     """Per layer: the post-attention norm and the gate, activation, up and product (h wide)."""
-    return (_norm(m.hidden, st.act_bytes) + 4 * st.act_bytes * m.intermediate) * st.tokens
+    return (_norm(m.hidden, st, readers=2) + 4 * st.act_bytes * m.intermediate) * st.tokens  # gate and up read it
 
 
 def ttt_extra_bytes(m: ModelFacts, st: Setup) -> int:
@@ -329,10 +342,13 @@ def ttt_extra_bytes(m: ModelFacts, st: Setup) -> int:
     per_token = a * d
     if st.ttt.write == "normalized":
         per_token += a * m.intermediate + 2 * a * d + 6 * a + 1 + 3 * INDEX_BYTES
+        per_token += a * d if st.fp32_residual else 0  # the gate's own cast of the MLP input
     if st.ttt.method == "ntp":
         per_token += a * d + a  # the shifted source and its next-in-document mask
     elif st.ttt.method == "inplace" and st.ttt.proj:
         per_token += a * d  # the conv output that P multiplies
+    if st.fp32_residual and st.ttt.method in ("inplace", "recon"):
+        per_token += a * d  # the target source's cast to a, which the conv or P keeps
     if st.cp > 1 and st.acc_bytes != a:
         per_token += st.acc_bytes * m.intermediate
     return per_token * st.tokens
@@ -366,7 +382,7 @@ class Activations:
 def activations_of(m: ModelFacts, st: Setup) -> Activations:
     a, s = st.act_bytes, st.tokens
     attention, mlp, ttt_extra = attention_bytes(m, st), mlp_bytes(m, st), ttt_extra_bytes(m, st)
-    outside = (2 * INDEX_BYTES + 2 * a * m.head_dim + _norm(m.hidden, a) + LSE_BYTES) * s
+    outside = (2 * INDEX_BYTES + 2 * a * m.head_dim + _norm(m.hidden, st) + LSE_BYTES) * s
     if m.ttt_layers and st.ttt.method == "inplace":
         outside += INDEX_BYTES * s  # the chunk-segment ids the target conv keeps
 

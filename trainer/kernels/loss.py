@@ -5,9 +5,9 @@ For long sequences the logits dominate activation memory (128k tokens x 152k voc
 - CUDA (bf16, fp16, fp32): liger-kernel's fused linear cross-entropy. It computes both gradients during the
   forward, a block of token rows at a time (one (rows x vocab) logits block, rows ~ tokens * d / vocab), with
   the head's gradient accumulated in fp32. On one H200 at 32768 tokens x d=1024 x vocab 151936 in bf16 it
-  takes 73 ms forward+backward, against 261 ms for this project's Triton kernels (trainer/kernels/loss_triton.py,
-  whose atomics-bound backward alone takes 234 ms), so the trainer runs liger's; `python -m tools.bench_loss`
-  measures both beside cut-cross-entropy and the torch path.
+  took 73 ms forward+backward, against 261 ms for this project's own Triton kernels (whose atomics-bound
+  backward alone took 234 ms: removed); `python -m tools.bench_loss` measures liger beside cut-cross-entropy
+  and the torch path.
 - CPU and fp64: the chunked torch path below, which computes the loss chunk by chunk of tokens and recomputes
   each chunk's logits in the backward, so it holds one (chunk x vocab) block at a time (liger keeps its
   per-token loss in fp32, too coarse for the fp64 exactness tests).
