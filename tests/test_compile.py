@@ -26,7 +26,8 @@ def _fresh_dynamo():
     """Each test compiles from scratch (inductor's on-disk cache still spares repeated C++ builds)."""
     torch._dynamo.reset()
     counters.clear()
-    yield
+    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):  # apply_compile raises it
+        yield
     torch._dynamo.reset()
 
 

@@ -20,10 +20,17 @@ from torch import nn
 
 from trainer.ttt.patch import decoder_of
 
+_RECOMPILE_LIMIT = 64  # cache entries per shared frame: every structural variant of the layers (see apply_compile)
+
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """Compile each decoder layer of `model` in place; returns `model`. Call it after activation
     checkpointing is enabled and before FSDP2 shards the layers."""
+    # Every layer shares dynamo's frames (transformers' layer wrapper, the layer and MLP forwards), so their cache
+    # entries multiply structural variants: layer kinds x checkpointed or not x FSDP2's wrapper class x training or
+    # evaluation x packed or not. A fsdp2 run with TTT on every other layer, every other layer checkpointed and an
+    # evaluation fills the default 8 entries of one frame; past the limit dynamo runs new variants eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
     compiled_functions: dict = {}  # the layer classes' forwards, compiled once for all checkpointed layers
     for layer in decoder_of(model).layers:
         layer.compile(backend=backend)
