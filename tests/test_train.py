@@ -19,7 +19,7 @@ import trainer.loop
 import trainer.model
 import trainer.optim
 from trainer.checkpoint import complete_checkpoints, load_checkpoint
-from trainer.config import job_config
+from trainer.config import ConfigError, job_config
 from trainer.integrity import file_sha256
 from trainer.loop import NonFiniteLossError, run
 from trainer.train import CONF_DIR
@@ -272,3 +272,35 @@ def test_deepspeed_files_are_never_unpickled(tmp_path):
     assert resumed.stderr.strip().splitlines()[-1] == (
         f"error: checkpoint.resume: {optim}: holds objects a checkpoint should not (posix.system); not loading it"
     )
+
+
+@pytest.mark.parametrize("trainable", ["ttt", "ttt+norms"])
+def test_a_frozen_base_stays_bit_identical_and_only_the_ttt_parameters_move(trainable):
+    """train.trainable: optimizer steps change exactly the parameters that train, the base's weights keep
+    every bit, and the backward never reaches the embeddings (nothing below the lowest TTT layer trains)."""
+    from trainer.data import SequenceLoader, build_dataset
+    from trainer.loop import build_training, setup_ranks, train_step
+
+    job = compose_job(*FAST, f"train.trainable={trainable}", "ttt.layers=[1]")
+    ranks = setup_ranks(1)
+    training = build_training(job, ranks)
+    before = {name: p.detach().clone() for name, p in training.model.named_parameters()}
+    trains = {name for name, p in training.model.named_parameters() if p.requires_grad}
+    assert trains and all(".ttt_" in name or (trainable == "ttt+norms" and "norm" in name) for name in trains)
+    assert any("norm" in name for name in trains) == (trainable == "ttt+norms")
+    dataset = build_dataset(job.data.name, job.data.seq_len, training.model.config.vocab_size, 0, job.data.options)
+    embeddings = training.model.get_input_embeddings()
+    reached = []
+    embeddings.register_full_backward_hook(lambda *args: reached.append(True))
+    loader = SequenceLoader(dataset, 1, 0, 1)
+    for _ in range(2):  # the first step moves ttt_proj off zero, the second the gate (V = 0 hides it before)
+        train_step(training.step_model, training.optimizer, loader, job, ranks)
+    for name, param in training.model.named_parameters():
+        unchanged = torch.equal(param.detach(), before[name])
+        assert unchanged == (name not in trains), name
+    assert not reached
+
+
+def test_trainable_ttt_needs_ttt_parameters():
+    with pytest.raises(ConfigError, match="train.trainable"):
+        compose_job(*FAST, "ttt=none", "train.trainable=ttt")

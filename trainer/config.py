@@ -22,6 +22,7 @@ from trainer.data.synthetic import GENERATORS
 from trainer.ttt import TTTConfig
 
 WANDB_MODES = ("online", "offline", "disabled")
+TRAINABLE = ("all", "ttt", "ttt+norms")  # train.trainable
 DTYPES = ("float32", "bfloat16", "float64")
 AUTO_EVAL_EVERY = 100  # eval.every=auto on a generated task with answers
 OBJECTIVES = {"loss": "loss", "accuracy": "eval/accuracy"}  # `objective` -> metric; ttt-train returns its last value
@@ -90,6 +91,7 @@ class TrainConfig:
     max_nonfinite_steps: int
     progress: bool
     compile: bool | None = None  # regional torch.compile of the decoder layers; None: auto (see `compiles`)
+    trainable: str = "all"  # what the optimizer trains: all | ttt (the TTT parameters) | ttt+norms
 
     def compiles(self, device_type: str) -> bool:
         """`train.compile` resolved on the device a job trains on: auto compiles on CUDA only (on CPU,
@@ -302,8 +304,13 @@ def job_config(cfg: DictConfig | dict) -> JobConfig:
         checkpoint_every_n_layers=_int(train, "checkpoint_every_n_layers", "train"),
         max_nonfinite_steps=_int(train, "max_nonfinite_steps", "train"),
         progress=bool(train.get("progress", True)),
+        trainable=_choice({"trainable": train.get("trainable", "all")}, "trainable", "train", TRAINABLE),
         compile=compile_layers,
     )
+    _require(
+        train_cfg.trainable == "all" or ttt_cfg.method != "none",
+        "train.trainable", "all with ttt.method=none (there are no TTT parameters to train)", train_cfg.trainable,
+    )  # fmt: skip
     resume = ckpt.get("resume")
     _require(resume is None or isinstance(resume, str), "checkpoint.resume", "null, 'auto' or a path", resume)
     ckpt_cfg = CheckpointConfig(

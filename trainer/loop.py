@@ -26,7 +26,7 @@ from trainer.data import SequenceLoader, build_dataset, sizes_only, stream_ident
 from trainer.evaluation.answers import answer_accuracy
 from trainer.faults import PreemptionFlag
 from trainer.materialize import Materializer, load_pretrained
-from trainer.model import CausalLMLoss, build_meta_model, enable_activation_checkpointing, master_dtype
+from trainer.model import CausalLMLoss, build_meta_model, enable_activation_checkpointing, freeze_base, master_dtype
 from trainer.optim import build_optimizer, set_lr
 from trainer.tracking import MetricsFile, WandbRun, write_json_atomically
 from trainer.ttt.mlp import FastWeightMLP
@@ -186,6 +186,7 @@ def build_training(job: JobConfig, ranks: Ranks) -> Training:
     if job.model.path is not None:
         load_pretrained(model, job.model.path)
     step_model.train()
+    freeze_base(model, job.train.trainable)
     optimizer = build_optimizer(model, job.optim)
     if engine != "deepspeed":
         return Training(model, step_model, optimizer, None, checkpoint_every)

@@ -63,6 +63,18 @@ def build_model(model_cfg: ModelConfig, ttt_cfg: TTTConfig, device: torch.device
     return model
 
 
+def freeze_base(model: nn.Module, trainable: str) -> None:
+    """`train.trainable`: with `ttt` only the TTT parameters (`ttt_conv`, `ttt_proj`, `ttt_gate`) keep requiring
+    gradients, with `ttt+norms` the RMSNorm weights too; `all` leaves the model as it is. The embeddings then
+    need no gradient, so the backward stops at the lowest decoder layer that trains, and the frozen weights'
+    gradients are never computed."""
+    if trainable == "all":
+        return
+    for name, param in model.named_parameters():
+        trains = ".ttt_" in name or (trainable == "ttt+norms" and "norm" in name.rsplit(".", 2)[-2])
+        param.requires_grad_(trains)
+
+
 def enable_activation_checkpointing(model, every_n_layers: int = 1) -> None:
     """Recompute every n-th decoder layer in the backward (transformers' own switch; n > 1 keeps the
     other layers' activations, trading memory back for speed), with the TTT layout of the forward
