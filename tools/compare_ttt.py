@@ -5,8 +5,9 @@ every step, the gradient norm, the largest fast-weight update norm and the held-
         model=hf model.path=models/smollm2 data=synthetic_passkey_text data.tokenizer=models/smollm2 \\
         data.seq_len=1024 train.steps=4
 
-Every run is a plain `ttt-train` job (arguments after `--` go to each one) in OUT/<method>-seed<seed>, run one
-after another so they share the machine alike; the table (markdown) and every number (JSON) are written to
+Every run is a plain `ttt-train` job (arguments after `--` go to each one; `none`, which has nothing of its own
+to train, always continues the whole model: `train.trainable=all`) in OUT/<method>-seed<seed>, run one after
+another so they share the machine alike; the table (markdown) and every number (JSON) are written to
 OUT/compare.md and OUT/compare.json. A finished run directory is read again instead of retrained.
 """
 
@@ -28,6 +29,8 @@ def _run(out: Path, method: str, seed: int, overrides: list[str]) -> Path:
     if (run_dir / "metrics.jsonl").is_file() and (run_dir / "done").is_file():
         return run_dir
     command = [sys.executable, "-m", "trainer.train", *overrides, f"ttt={method}", f"seed={seed}"]
+    if method == "none":  # nothing of its own to train: the baseline continues the whole base model
+        command.append("train.trainable=all")
     command += [f"hydra.run.dir={run_dir}", "train.progress=false", "checkpoint.every=100000"]
     began = time.time()
     print(f"compare_ttt: {method} seed {seed} ...", file=sys.stderr, flush=True)
