@@ -1,6 +1,7 @@
 """Sweeps on a cluster (README, "Sweeps on a cluster"): Slurm job environments -> ranks and rendezvous, the
 sbatch script the Slurm launcher writes, sweeps of CP=2 jobs through submitit's local executor (each point a
-job whose tasks are its ranks), a requeue after the pre-timeout signal, Optuna search, the returned objective."""
+job whose tasks are its ranks), a requeue after the pre-timeout signal, the returned objective (the search that
+uses it: tests/test_search.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import cloudpickle
 import psutil
 import pytest
 import submitit.slurm.slurm
-import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from test_train import cli, compose_job, metrics, wandb_history_file
@@ -30,7 +30,6 @@ from trainer.tracking import last_recorded
 from trainer.train import CONF_DIR
 
 TINY = ["experiment=smoke", "data.seq_len=64", "ttt.chunk_size=16", "eval.samples=4"]  # CP=2: 16-token pieces
-SEARCHED = ("ttt.lr", "optim.lr", "ttt.chunk_size")  # experiment=search's parameters
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -186,23 +185,6 @@ def test_signal_before_the_time_limit_saves_then_the_requeued_job_resumes(tmp_pa
     assert point_results(sweep) == {str(run_dir): [rows[-1]["loss"], None]}
     runs = sorted(run_dir.glob("wandb/offline-run-*"))  # one W&B run, continued after the requeue
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[-1] for r in runs}) == 1
-
-
-def test_optuna_search_runs_three_trials_and_keeps_the_best(tmp_path):
-    sweep = tmp_path / "search"
-    cli("-m", "experiment=search", "hydra/launcher=local_jobs", "parallel=single", "train.steps=3",
-        "data.seq_len=64", "eval.every=0", "train.progress=false", "objective=loss", "hydra.sweeper.direction=minimize",
-        "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=3", f"hydra.sweep.dir={sweep}")  # fmt: skip
-    trials = {}
-    for n in "012":
-        overrides = yaml.safe_load((sweep / n / ".hydra" / "overrides.yaml").read_text())
-        searched = dict(o.split("=", 1) for o in overrides if o.split("=")[0] in SEARCHED)
-        assert len(searched) == 3
-        trials[metrics(sweep / n)[-1]["loss"]] = searched
-    assert len(trials) == 3  # three different points, three different final losses
-    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert best["best_value"] == min(trials)
-    assert {k: str(v) for k, v in best["best_params"].items()} == trials[min(trials)]
 
 
 def test_the_objective_is_the_last_loss_or_accuracy(tmp_path):

@@ -28,6 +28,7 @@ from trainer.faults import PreemptionFlag
 from trainer.materialize import Materializer, load_pretrained
 from trainer.model import CausalLMLoss, build_meta_model, enable_activation_checkpointing, freeze_base, master_dtype
 from trainer.optim import build_optimizer, set_lr
+from trainer.search import SearchTrial
 from trainer.tracking import MetricsFile, WandbRun, write_json_atomically
 from trainer.ttt.mlp import FastWeightMLP
 
@@ -227,6 +228,7 @@ def run(
             print(f"resumed from {resume_from} at step {start}", file=sys.stderr)
 
     lead = ranks.rank == 0
+    trial = SearchTrial.of(job, lead)  # the trial of a search this job runs (trainer/search.py); inert otherwise
     metrics = MetricsFile(run_dir / "metrics.jsonl", start) if lead else None
     wandb_cfg = replace(job.wandb, group=wandb_group or job.wandb.group)
     wandb = WandbRun(wandb_cfg, run_dir, job.raw, wandb_id, run_dir.name) if lead else None
@@ -277,11 +279,12 @@ def run(
                 )
             if done % job.checkpoint.every == 0 or done == job.train.steps:
                 last_ckpt = checkpoint(done)
-            if preemption.any_rank(ranks.device):
+            pruned = trial.prunes(done, record if lead else None, ranks.device)  # the search stops a bad trial early
+            if preemption.any_rank(ranks.device) or pruned:
                 if last_ckpt is None or last_ckpt.name != f"step-{done}":
                     last_ckpt = checkpoint(done)
                 if lead:
-                    print(f"preempted: saved {last_ckpt}, exiting", file=sys.stderr)
+                    print(f"{'pruned' if pruned else 'preempted'}: saved {last_ckpt}, exiting", file=sys.stderr)
                 break
     finally:
         progress.close()

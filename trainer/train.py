@@ -6,7 +6,8 @@
 - Otherwise, with `parallel.nproc_per_node > 1`, the job starts its own local workers through
   torch's elastic launcher, so a multirun sweep of context-parallel jobs works from one command.
 - The app returns the job's `objective` (the last loss or eval/accuracy, read back from metrics.jsonl
-  on rank 0), which a sweeper such as Optuna's minimises or maximises.
+  on rank 0), which a sweeper such as Optuna's minimises or maximises. A job that runs a trial of a search
+  (`hydra/sweeper=optuna`) also reports to and records its trial in the study (trainer/search.py).
 - Bad configuration values and bad inputs (trainer/preflight.py) end the program with one line on
   stderr and exit code 2, before any worker starts. Under torchrun the process group is started
   first, so that the ranks share the start-up hashing; rank 0 alone prints.
@@ -33,17 +34,17 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from trainer.cluster import default_resume, join_job_ranks, leave_preempted, preemption_signals
 from trainer.config import OBJECTIVES, ConfigError, job_config
 from trainer.faults import PreemptionFlag
+from trainer.search import check_direction, finish_trial, trial_spec
 from trainer.tracking import last_recorded
 
-# Configs that need a plugin of the `cluster` extra; without it Hydra fails while composing them, with a page of
-# config search paths.
+# Configs that need a package of the `cluster` extra (module, what to call it); without it Hydra fails while
+# composing them, with a page of config search paths, or the search fails once started.
 _PLUGIN_CONFIGS = {
-    "hydra/launcher=slurm": "hydra_submitit_launcher",
-    "hydra/launcher=local_jobs": "hydra_submitit_launcher",
-    "hydra/sweeper=optuna": "hydra_optuna_sweeper",
-    "experiment=search": "hydra_optuna_sweeper",
+    "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "the hydra-submitit-launcher plugin"),
+    "hydra/launcher=local_jobs": ("hydra_plugins.hydra_submitit_launcher", "the hydra-submitit-launcher plugin"),
+    "hydra/sweeper=optuna": ("optuna", "optuna"),
+    "experiment=search": ("optuna", "optuna"),
 }
-_SEARCH_DIRECTIONS = {"loss": "minimize", "accuracy": "maximize"}
 
 
 def _ranks_started_for_us() -> bool:
@@ -109,15 +110,6 @@ def _say(line: str) -> None:
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def _check_search_direction(sweeper: DictConfig, objective: str) -> None:
-    """A search (hydra/sweeper=optuna) must go the objective's way: down for the loss, up for the accuracy."""
-    direction = sweeper.get("direction")
-    direction = getattr(direction, "name", direction)  # the sweeper's schema holds an enum, a YAML file a string
-    wanted = _SEARCH_DIRECTIONS[objective]
-    if isinstance(direction, str) and direction != wanted:
-        raise ConfigError(f"hydra.sweeper.direction must be {wanted} for objective={objective}, got {direction!r}")
-
-
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from trainer.preflight import check_inputs  # imports transformers: after Hydra parsed the command line
@@ -128,7 +120,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         job = job_config(cfg)
         job = replace(job, checkpoint=replace(job.checkpoint, resume=default_resume(job.checkpoint.resume)))
-        _check_search_direction(hydra_cfg.sweeper, job.objective)
+        check_direction(hydra_cfg.sweeper.get("direction"), job.objective)
         if not _ranks_started_for_us() and job.parallel.nproc_per_node % job.parallel.cp:
             raise ConfigError(
                 f"parallel.cp={job.parallel.cp} does not divide parallel.nproc_per_node={job.parallel.nproc_per_node}"
@@ -143,6 +135,8 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     tree = OmegaConf.to_container(cfg, resolve=True)
     tree["checkpoint"]["resume"] = None if resume is None else str(resume)  # the verified one, not "auto"
+    if (trial := trial_spec(hydra_cfg.sweeper)) is not None:  # one trial of a search: its study and number
+        tree["search"] = trial
     sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
     wandb_group = job.wandb.group or sweep
     if _ranks_started_for_us() or job.parallel.nproc_per_node == 1:
@@ -156,7 +150,9 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(1)
     if _rank() != 0:
         return None
-    return last_recorded(Path(run_dir) / "metrics.jsonl", OBJECTIVES[job.objective])
+    objective = last_recorded(Path(run_dir) / "metrics.jsonl", OBJECTIVES[job.objective])
+    finish_trial(tree.get("search"), objective)
+    return objective
 
 
 def _installed(module: str) -> bool:
@@ -169,10 +165,9 @@ def _installed(module: str) -> bool:
 def cli() -> None:
     """`ttt-train`: the Hydra app, after checking that the plugins the command line's configs need are there."""
     for arg in sys.argv[1:]:
-        plugin = _PLUGIN_CONFIGS.get(arg)
-        if plugin is not None and not _installed(f"hydra_plugins.{plugin}"):
-            name = plugin.replace("_", "-")
-            print(f'error: {arg} needs the {name} plugin: pip install -e ".[cluster]"', file=sys.stderr)
+        module, name = _PLUGIN_CONFIGS.get(arg, (None, None))
+        if module is not None and not _installed(module):
+            print(f'error: {arg} needs {name}: pip install -e ".[cluster]"', file=sys.stderr)
             sys.exit(2)
     main()
 
