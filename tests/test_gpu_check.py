@@ -100,3 +100,17 @@ def test_the_measurements_run_end_to_end_on_cpu_with_a_tiny_model(monkeypatch):
     assert runs[0]["profile"]["launches"] > 0  # on CPU: the operators the step called
     assert 0 < mfu.value < gpu_check.MFU_TARGET  # a CPU against an H200's peak
     assert (longest.status, longest.value, longest.data["stopped"]) == ("pass", 128, "every length trained")
+
+
+def test_each_measured_step_gets_the_step_time_models_prediction_beside_it(monkeypatch):
+    """The row gpu_check prints after each measured step: tools.plan_time's prediction for this GPU kind, passing
+    within 15% and failing beyond."""
+    from tools.plan_time import builtin_rates, predict_step
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H200")
+    job = gpu_check.training_job("qwen3-0.6b", "ntp", 32768)
+    predicted = predict_step(job, 4, builtin_rates("h200")).step_s
+    close = gpu_check._predicted_row("step-time model", job, 4, predicted / 1.1)
+    assert close.status == "pass" and abs(close.value - 0.1) < 1e-9 and close.data["predicted_s"] == predicted
+    assert gpu_check._predicted_row("step-time model", job, 4, predicted / 1.2).status == "fail"
+    assert gpu_check._predicted_row("step-time model", job, None, predicted).data["predicted_s"] != predicted

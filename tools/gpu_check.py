@@ -24,8 +24,9 @@ Triton scan, AdamW, gradient clipping, `train.compile` and `train.activation_che
 auto: compiled, and checkpointing only as much as the memory planner says the GPU needs), on one random document
 per step, random init from `conf/model/*.yaml`; each run reports its median step time, its peak memory
 (`torch.cuda.max_memory_allocated` over the timed steps, above what was allocated before the model was built)
-against the planner's (`tools.plan_memory`, target within ±5%), and a profile of one more step (`tools.step_profile`:
-top kernels, kernel launches per step):
+against the planner's (`tools.plan_memory`, target within ±5%), the step-time model's prediction of it
+(`tools.plan_time.predict_step` with this GPU kind's built-in rates, target within ±15%), and a profile of one more
+step (`tools.step_profile`: top kernels, kernel launches per step):
 - step time of Qwen3-0.6B at 32k tokens, ttt=ntp against ttt=none (model defaults: every 4th layer, C=512):
   median of 3 steps after 2 warm-up steps; target ntp / none <= 1.05. The ntp run also measures what autograd
   saves in each decoder layer's forward against the planner's per-layer activations (the largest saved tensors
@@ -80,6 +81,7 @@ from parallel.sharding import IGNORE_INDEX, document_starts, next_token_labels, 
 from tools.benchutil import OneLineErrorParser, positive_int, synchronize
 from tools.hf_baseline import time_hf_step
 from tools.plan_memory import GIB, Plan, activations_of, compose_config, meta_model, model_facts, plan, setup_of
+from tools.plan_time import builtin_rates, gpu_of_device, predict_step
 from tools.step_profile import profile_step
 from trainer.config import JobConfig, job_config
 from trainer.kernels.loss import linear_cross_entropy, naive_linear_cross_entropy
@@ -99,6 +101,7 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.
 OVERHEAD_MODEL, MFU_MODEL, SEQ_LEN = "qwen3-0.6b", "qwen3-1.7b", 32768
 OVERHEAD_TARGET, BASELINE_TARGET, MFU_TARGET, LONGEST_TARGET = 1.05, 0.7, 0.45, 524288
 PLANNER_TOLERANCE = 0.05
+STEP_MODEL_TOLERANCE = 0.15  # tools.plan_time's prediction of each measured step (issue 25)
 LADDER = (131072, 262144, 393216, 524288)
 WARMUP_STEPS, TIMED_STEPS = 2, 3
 MIN_START_S = 30.0  # a measurement needs at least this much of the budget left to start
@@ -508,7 +511,20 @@ def _run_rows(run: Run) -> list[Result]:
                data=run.summary()),
         Result(f"planner vs measured peak, {run.label}", status, error, f"{100 * error:+.1f}%",
                f"within ±{100 * PLANNER_TOLERANCE:.0f}%", memory, {"planned": run.plan.total, "peak": run.peak_bytes}),
+        _predicted_row(f"step-time model vs measured, {run.label}", run.job, run.checkpoint_every, run.median_s),
     ]  # fmt: skip
+
+
+def _predicted_row(name: str, job: JobConfig, checkpoint_every: int | None, seconds: float) -> Result:
+    """tools.plan_time's prediction of a measured step (the built-in rates of this GPU kind) beside it."""
+    prediction = predict_step(job, checkpoint_every, builtin_rates(gpu_of_device(torch.cuda.get_device_name())))
+    error = (prediction.step_s - seconds) / seconds
+    status = "pass" if abs(error) <= STEP_MODEL_TOLERANCE else "fail"
+    parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(prediction.parts.items(), key=lambda kv: -kv[1]) if v)
+    notes = f"predicted {prediction.step_s:.3f} s, measured {seconds:.3f} s; predicted parts (s): {parts}"
+    data = {"predicted_s": prediction.step_s, "measured_s": seconds, "parts": prediction.parts}
+    target = f"within ±{100 * STEP_MODEL_TOLERANCE:.0f}%"
+    return Result(name, status, error, f"{100 * error:+.1f}%", target, notes, data)
 
 
 def measure_overhead(ranks: Ranks, deadline: Deadline) -> list[Result]:
@@ -611,6 +627,9 @@ def measure_longest(ranks: Ranks, deadline: Deadline) -> list[Result]:
         name = f"first step (compilation included), Qwen3-0.6B ntp, {seq_len} tokens, checkpointing every {every}"
         notes = f"peak {peak / GIB:.1f} GiB, planned {plan_bytes / GIB:.1f} ({100 * (plan_bytes - peak) / peak:+.1f}%)"
         data = {"seq_len": seq_len, "step_s": seconds, "peak_bytes": peak, "planned_bytes": plan_bytes}
+        predicted = predict_step(job, every, builtin_rates(gpu_of_device(torch.cuda.get_device_name())))
+        notes += f"; step-time model {predicted.step_s:.1f} s (a steady step)"
+        data["predicted_s"] = predicted.step_s
         rows.append(Result(name, "info", seconds, f"{seconds:.1f} s", notes=notes, data=data))
         longest = seq_len
     _free_cuda_memory()  # after an out-of-memory error: the failed step's tensors

@@ -77,6 +77,7 @@ from parallel.mesh import check_cp
 from parallel.pieces import batch_layout
 from parallel.segments import QUERY_BLOCK, SegmentPlan, layout_plans
 from tools.benchutil import OneLineErrorParser, positive_int
+from tools.hardware import GPUS
 from trainer.config import JobConfig, job_config
 from trainer.kernels.loss import linear_cross_entropy
 from trainer.model import DTYPES, build_meta_model, master_dtype
@@ -137,6 +138,8 @@ class ModelFacts:
     kv_heads: int
     head_dim: int
     qk_norm: bool  # Qwen3 normalizes queries and keys per head
+    # (name, shape) of every parameter, a tied one once: what engines shard and communicate (`tools.plan_time`)
+    param_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def params(self) -> int:
@@ -166,6 +169,7 @@ def model_facts(model: torch.nn.Module) -> ModelFacts:
         kv_heads=config.num_key_value_heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
         qk_norm=hasattr(layers[0].self_attn, "q_norm"),
+        param_shapes=tuple((name, tuple(p.shape)) for name, p in params.items()),
     )
 
 
@@ -188,6 +192,10 @@ class Setup:
     act_bytes: int
     fused_loss: bool  # the loss runs liger-kernel's fused linear cross-entropy (CUDA) rather than the torch path
     ttt: TTTConfig
+    # What the step time depends on besides (`tools.plan_time`):
+    compiled: bool = False  # train.compile resolved: regional compilation fuses each layer's elementwise ops
+    overlap_state_scan: bool = False  # parallel.overlap_state_scan
+    grad_accum: int = 1  # micro-batches per optimizer step
 
     @property
     def param_bytes(self) -> int:
@@ -242,6 +250,9 @@ def setup_of(job: JobConfig, gpus: int, device: str) -> Setup:
         act_bytes=torch.bfloat16.itemsize if cuda else param_bytes,
         fused_loss=cuda,
         ttt=job.ttt,
+        compiled=job.train.compiles(device) and not (par.engine == "deepspeed" and par.zero_stage == 3 and gpus > 1),
+        overlap_state_scan=par.overlap_state_scan,
+        grad_accum=job.train.grad_accum,
     )
 
 
@@ -621,21 +632,33 @@ def markdown_row(name: str, m: ModelFacts, st: Setup, fit: Plan | None) -> str:
 # --- command line ----------------------------------------------------------------------------------
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineErrorParser(prog="python -m tools.plan_memory", description=__doc__.split("\n", 1)[0])
+def run_parser(prog: str, description: str) -> OneLineErrorParser:
+    """The flags that describe a run, one set for every planner (`tools.plan_memory`, `tools.plan_time`): Hydra
+    overrides composed as `ttt-train` composes them, the GPUs, their kind and memory, the GPUs per node."""
+    parser = OneLineErrorParser(prog=prog, description=description)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for ttt-train (model=qwen3-8b ...)")
     parser.add_argument("--gpus", type=positive_int, default=8, help="GPUs in the job (default 8)")
-    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+    parser.add_argument("--gpu", choices=sorted(GPUS), help="GPU kind: its memory, and for plan_time its rates")
+    parser.add_argument("--gpu-memory-gb", type=float, help="memory per GPU in GiB (default: the --gpu's, else 80)")
+    parser.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--device", choices=DEVICES, default="cuda", help="cuda (default): bf16 autocast, Triton loss")
-    parser.add_argument("--markdown-row", action="store_true", help="print only the README table's row")
+    return parser
+
+
+def parse_run(parser: OneLineErrorParser, argv: list[str] | None, default_gpu: str | None = None) -> argparse.Namespace:
+    """Parsed run flags; --gpu-memory-gb defaults to the memory of --gpu (or of `default_gpu`), else 80."""
     args = parser.parse_intermixed_args(argv)
+    if args.gpu_memory_gb is None:
+        gpu = args.gpu or default_gpu
+        args.gpu_memory_gb = GPUS[gpu].memory_gib if gpu else 80.0
     if not args.gpu_memory_gb > 0:
         parser.error(f"--gpu-memory-gb must be positive, got {args.gpu_memory_gb:g}")
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = _parse_args(argv)
+def run_of(args: argparse.Namespace) -> tuple[JobConfig, ModelFacts, Setup]:
+    """The job, its model and its setup from parsed run flags; a bad config exits with one line (code 2).
+    `train.activation_checkpointing=auto` is resolved on CUDA as the trainer resolves it."""
     try:
         job = job_config(compose_config(args.overrides))
         if args.gpus % job.parallel.cp:
@@ -645,9 +668,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     facts = model_facts(meta_model(job))
     setup = setup_of(job, args.gpus, args.device)
-    budget = int(args.gpu_memory_gb * GIB)
     if job.train.activation_checkpointing is None and args.device == "cuda":  # auto: as the trainer resolves it
-        setup = cheapest_checkpointing(facts, setup, int(AUTO_BUDGET * budget))
+        setup = cheapest_checkpointing(facts, setup, int(AUTO_BUDGET * int(args.gpu_memory_gb * GIB)))
+    return job, facts, setup
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = run_parser("python -m tools.plan_memory", __doc__.split("\n", 1)[0])
+    parser.add_argument("--markdown-row", action="store_true", help="print only the README table's row")
+    return parse_run(parser, argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    job, facts, setup = run_of(args)
+    budget = int(args.gpu_memory_gb * GIB)
     fit = smallest_fitting_cp(facts, setup, budget)
     if args.markdown_row:
         print(markdown_row(job.model.name, facts, setup, fit))
