@@ -41,7 +41,7 @@ from trainer.model import CausalLMLoss, build_model, enable_activation_checkpoin
 from trainer.optim import build_optimizer
 from trainer.ttt.patch import decoder_of
 
-TOLERANCE = 0.25
+TOLERANCE = 0.10  # measured: -0.6% (tiny), +1.0% (small), +0.8% (small, checkpointed)
 SMALL = [  # a somewhat larger Qwen3-style model than tiny, with a vocabulary the loss notices
     "model.config.hidden_size=256",
     "model.config.intermediate_size=1024",
@@ -76,7 +76,8 @@ def _planned(job, gpus: int = 1):
 
 def measure_step(overrides: list[str]) -> int:
     """Parameter and optimizer-state bytes plus the RSS peak of one training step above what was
-    resident before it, with the optimizer states created first (the planner plans the steady state)."""
+    resident before it, the second step: the planner plans the steady state, and the first step also maps the
+    code and workspaces of every kernel it calls for the first time (~100 MB on some CPUs)."""
     job = _job(*overrides)
     ranks = setup_ranks(1)
     model = build_model(job.model, job.ttt, ranks.device, job.seed)
@@ -84,19 +85,16 @@ def measure_step(overrides: list[str]) -> int:
         enable_activation_checkpointing(model, job.train.checkpoint_every_n_layers)
     step_model = CausalLMLoss(model).train()
     optimizer = build_optimizer(model, job.optim)
-    for param in model.parameters():
-        param.grad = torch.zeros_like(param)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     dataset = build_dataset(job.data.name, job.data.seq_len, model.config.vocab_size, job.seed, job.data.options)
     loader = SequenceLoader(dataset, job.data.batch_size, 0, 1)
+    train_step(step_model, optimizer, loader, job, ranks)  # also creates the optimizer states
     resident = [*model.parameters(), *(t for state in optimizer.state.values() for t in state.values() if t.dim())]
     before = sum(t.numel() * t.element_size() for t in resident)
     return before + peak_bytes(lambda: train_step(step_model, optimizer, loader, job, ranks), ranks.device)
 
 
 @pytest.mark.parametrize("case", sorted(STEPS))
-def test_planned_peak_is_within_25_percent_of_a_measured_step(case):
+def test_planned_peak_is_within_10_percent_of_a_measured_step(case):
     overrides = STEPS[case]
     result = subprocess.run(
         [sys.executable, __file__, *overrides], capture_output=True, text=True, env={**os.environ, **MALLOC_ENV}

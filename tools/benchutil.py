@@ -28,6 +28,15 @@ def _rss_high_water_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _reset_rss_high_water() -> None:
+    """Lower the RSS high-water mark to the current RSS (Linux: 5 written to clear_refs), so that a step's peak is
+    its own and not an earlier step's or import's; where that is not allowed the mark stays (an upper bound)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     """Memory the step needs above what is held before it."""
     if device.type == "cuda":
@@ -37,6 +46,7 @@ def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
         step()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
+    _reset_rss_high_water()
     before, high_water_before = _current_rss_bytes(), _rss_high_water_bytes()
     step()
     high_water = _rss_high_water_bytes()
