@@ -8,11 +8,15 @@ every step, the gradient norm, the largest fast-weight update norm and the held-
 Every run is a plain `ttt-train` job (arguments after `--` go to each one; `none`, which has nothing of its own
 to train, always continues the whole model: `train.trainable=all`) in OUT/<method>-seed<seed>, run one after
 another so they share the machine alike; the table (markdown) and every number (JSON) are written to
-OUT/compare.md and OUT/compare.json. A finished run directory is read again instead of retrained.
+OUT/compare.md and OUT/compare.json. A finished run directory is read again instead of retrained. With
+--ppl-data each run's last checkpoint is also scored on held-out documents (`tools.eval --tasks ppl`, NLL by
+position in buckets one attention window wide): the table gains the NLL within the window and beyond it, and
+OUT/held_out_nll.png plots the methods' curves.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -20,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from tools.benchutil import OneLineErrorParser
+from tools.benchutil import OneLineErrorParser, positive_int
 from trainer.tracking import write_json_atomically
 
 
@@ -43,7 +47,34 @@ def _run(out: Path, method: str, seed: int, overrides: list[str]) -> Path:
     return run_dir
 
 
-def _summary(run_dir: Path) -> dict:
+def _held_out_nll(run_dir: Path, ppl: argparse.Namespace) -> dict | None:
+    """Held-out NLL by position of the run's last checkpoint (`tools.eval --tasks ppl`, linear buckets one
+    window wide), kept in RUN/ppl; None without --ppl-data."""
+    if ppl.ppl_data is None:
+        return None
+    out = run_dir / "ppl"
+    if not (out / "ppl.json").is_file():
+        checkpoint = max((run_dir / "checkpoints").glob("step-*"), key=lambda path: int(path.name.split("-")[1]))
+        command = [sys.executable, "-m", "tools.eval", str(checkpoint), "--tasks", "ppl", "--ppl-data", ppl.ppl_data,
+                   "--ppl-length", str(ppl.ppl_length), "--ppl-documents", str(ppl.ppl_documents),
+                   "--ppl-spacing", "linear", "--ppl-buckets", str(ppl.ppl_length // ppl.ppl_window),
+                   "--out", str(out), "--wandb-mode", "disabled"]  # fmt: skip
+        if ppl.ppl_tokenizer:
+            command += ["--tokenizer", ppl.ppl_tokenizer]
+        result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"compare_ttt: error: perplexity of {run_dir.name} failed: {result.stderr.strip()[-300:]}")
+    buckets = [b for b in json.loads((out / "ppl.json").read_text())["buckets"] if b["tokens"]]
+
+    def mean(part: list[dict]) -> float:
+        return sum(b["nll"] * b["tokens"] for b in part) / sum(b["tokens"] for b in part)
+
+    within = [b for b in buckets if b["end"] <= ppl.ppl_window]
+    beyond = [b for b in buckets if b["start"] >= ppl.ppl_window]
+    return {"within": mean(within), "beyond": mean(beyond), "buckets": buckets}
+
+
+def _summary(run_dir: Path, ppl: argparse.Namespace) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     update = [max((v for k, v in r.items() if k.startswith("ttt_update_norm/")), default=0.0) for r in records]
     evaluation = run_dir / "eval.json"
@@ -54,6 +85,7 @@ def _summary(run_dir: Path) -> dict:
         "accuracy": _accuracies(evaluation)[0],
         "accuracy_far": _accuracies(evaluation)[1],
         "seconds": float((run_dir / "done").read_text().split()[0]),
+        "held_out_nll": _held_out_nll(run_dir, ppl),
     }
 
 
@@ -96,8 +128,39 @@ def table(results: dict[str, list[dict]], steps_shown: list[int]) -> str:
             [run["accuracy_far"] for run in runs if run["accuracy_far"] is not None],
         ))  # fmt: skip
         cells = [f"{mean_loss[s - 1]:.4f}" for s in steps_shown]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {ratio} | {grads} | {update:.3g} | {accuracy} |")
+        nll = [run["held_out_nll"] for run in runs if run.get("held_out_nll")]
+        held_out = (
+            (" | " + " | ".join(_mean_std([n[part] for n in nll]) for part in ("within", "beyond"))) if nll else ""
+        )
+        lines.append(
+            f"| {method} | " + " | ".join(cells) + f" | {ratio} | {grads} | {update:.3g} | {accuracy}{held_out} |"
+        )
+    if any(run.get("held_out_nll") for runs in results.values() for run in runs):
+        lines[0] += " held-out NLL within the window | beyond it |"
+        lines[1] += "---:|---:|"
     return "\n".join(lines)
+
+
+def plot_held_out_nll(results: dict[str, list[dict]], path: Path) -> None:
+    """Held-out NLL by position bucket, one line per method (the mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for method, runs in results.items():
+        curves = [run["held_out_nll"]["buckets"] for run in runs if run.get("held_out_nll")]
+        if curves:
+            ends = [b["end"] for b in curves[0]]
+            axes.plot(ends, [statistics.mean(c[i]["nll"] for c in curves) for i in range(len(ends))], marker="o",
+                      label=method)  # fmt: skip
+    axes.set(xlabel="position (bucket end, tokens)", ylabel="held-out NLL (nats)", title="Held-out NLL by position")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,19 +169,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
     parser.add_argument("--out", type=Path, required=True, help="folder of the runs and the report")
     parser.add_argument("--show-steps", default="", help="comma-separated steps to tabulate (default: all, up to 8)")
+    parser.add_argument("--ppl-data", help="JSONL of held-out documents: score each run's NLL by position on them")
+    parser.add_argument("--ppl-tokenizer", help="the tokenizer folder for --ppl-data")
+    parser.add_argument("--ppl-length", type=positive_int, default=512, help="tokens per held-out document")
+    parser.add_argument("--ppl-documents", type=positive_int, default=64, help="held-out documents")
+    parser.add_argument("--ppl-window", type=positive_int, default=64, help="attention's window: within vs beyond")
     parser.add_argument("overrides", nargs="*", help="ttt-train overrides (after --)")
     args = parser.parse_args(argv)
+    if args.ppl_length % args.ppl_window:
+        parser.error(f"--ppl-length must be a multiple of --ppl-window, got {args.ppl_length} and {args.ppl_window}")
     methods = [m for m in args.methods.split(",") if m]
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {m: [_summary(_run(args.out, m, seed, args.overrides)) for seed in seeds] for m in methods}
+    results = {m: [_summary(_run(args.out, m, seed, args.overrides), args) for seed in seeds] for m in methods}
     steps = len(next(iter(results.values()))[0]["loss"])
     shown = [int(s) for s in args.show_steps.split(",") if s] or list(range(1, steps + 1))[-8:]
     report = table(results, shown)
     (args.out / "compare.md").write_text(report + "\n")
+    if args.ppl_data:
+        plot_held_out_nll(results, args.out / "held_out_nll.png")
     write_json_atomically(args.out / "compare.json", {"overrides": args.overrides, "seeds": seeds, "runs": results})
     print(report)
 
