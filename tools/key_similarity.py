@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     job = job_config(compose_config(["ttt=none", *args.overrides, "train.trainable=all"]))  # the base model alone
     result = measure(job, args.layers, args.documents)
-    print(
-        "| layer | cos(query, write) | cos(query, others) mean | p95 | write's rank | earlier positions | share of the read at init |"
-    )  # noqa: E501
+    header = ["layer", "cos(query, write)", "cos(query, others) mean", "p95", "write's rank", "earlier positions",
+              "share of the read at init"]  # fmt: skip
+    print("| " + " | ".join(header) + " |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for layer, r in result.items():
         print(
