@@ -8,10 +8,8 @@ tokens, batch 1. For each P it spawns P fresh processes (gloo, one thread each) 
 Per rank, reported as the max over ranks:
 - activation memory: unique storages packed by saved_tensors_hooks during the step, parameters
   excluded (deterministic);
-- peak RSS: the RSS high-water mark (getrusage ru_maxrss) after the step minus the RSS read from
-  /proc/self/statm before it. The step is the process's first full-size one (after a two-chunk
-  warm-up), so the mark is its own; noisier than the above (allocator caching, gloo buffers and the
-  parameter gradients count too);
+- peak memory: the most bytes CPU tensors held above the step's start (`tools.benchutil.peak_bytes`,
+  the allocator's record as on CUDA); the parameter gradients and gloo's tensors count too;
 - step ms: median of --repeats further steps, each started on all ranks by a barrier; with more
   ranks than cores the ranks share cores, so it is no scaling result;
 - bytes sent during the step, from `parallel.comm.LEDGER` by purpose.
@@ -170,7 +168,7 @@ class Settings:
 @dataclass(frozen=True)
 class RankResult:
     activation_bytes: int
-    peak_rss_bytes: int
+    peak_bytes: int
     step_ms: float
     bytes_sent: dict[str, int]
 
@@ -220,8 +218,8 @@ def _storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
     return [storage for name in names for storage in _storages(getattr(tensor, name))]
 
 
-def _activation_andpeak_bytes(step: Callable[[], None], model: torch.nn.Module) -> tuple[int, int]:
-    """Saved-for-backward bytes (unique storages, parameters excluded) and the RSS peak of one step."""
+def _activation_and_peak_bytes(step: Callable[[], None], model: torch.nn.Module) -> tuple[int, int]:
+    """Saved-for-backward bytes (unique storages, parameters excluded) and the peak tensor memory of one step."""
     storage_bytes: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -255,7 +253,7 @@ def measure_rank(rank: int, ranks: int, settings: Settings) -> RankResult:
     _make_step(model, 2 * settings.chunk_size * ranks, rank, ranks)()
     step = _make_step(model, settings.seq_len, rank, ranks)
     LEDGER.reset()
-    activation, peak = _activation_andpeak_bytes(step, model)
+    activation, peak = _activation_and_peak_bytes(step, model)
     bytes_sent = {purpose: LEDGER.bytes_sent[purpose] for purpose in PURPOSES}
     return RankResult(activation, peak, _median_step_ms(step, settings.repeats), bytes_sent)
 
@@ -284,8 +282,8 @@ class Row:
         return max(r.activation_bytes for r in self.results) / MIB
 
     @property
-    def peak_rss_mib(self) -> float:
-        return max(r.peak_rss_bytes for r in self.results) / MIB
+    def peak_mib(self) -> float:
+        return max(r.peak_bytes for r in self.results) / MIB
 
     @property
     def step_ms(self) -> float:
@@ -303,7 +301,7 @@ def _measure_row(ranks: int, settings: Settings) -> Row:
         results = [RankResult(**json.loads(Path(workdir, f"rank{r}.json").read_text())) for r in range(ranks)]
     row = Row(ranks, settings.seq_len // ranks, results)
     print(
-        f"P={ranks}: activation {row.activation_mib:.1f} MiB, peak RSS {row.peak_rss_mib:.1f} MiB, "
+        f"P={ranks}: activation {row.activation_mib:.1f} MiB, peak {row.peak_mib:.1f} MiB, "
         f"{row.step_ms:.0f} ms/step ({time.perf_counter() - start:.0f} s)",
         file=sys.stderr,
         flush=True,
@@ -327,7 +325,7 @@ def _measured_table(rows: list[Row]) -> str:
         "shard tokens",
         "activation MiB/rank",
         "activation ratio vs P=1",
-        "peak RSS MiB/rank",
+        "peak MiB/rank",
         "step ms",
         "attention bytes/rank",
         "fast-weight scan bytes/rank",
@@ -339,7 +337,7 @@ def _measured_table(rows: list[Row]) -> str:
             r.shard_tokens,
             f"{r.activation_mib:.1f}",
             f"{_activation_ratio(r, rows[0]):.3f}",
-            f"{r.peak_rss_mib:.1f}",
+            f"{r.peak_mib:.1f}",
             f"{r.step_ms:.0f}",
             *(r.bytes_sent(purpose) for purpose in PURPOSES),
         ]

@@ -12,14 +12,14 @@ with `fast` one of
     prefix  `trainer.ttt.fastweight.naive_fastweight` (prefix sum, one d x h weight per chunk).
 
 "extra" is a variant's number minus the plain MLP's at the same S. Reported per variant:
-- peak memory of the fwd+bwd above the memory held just before it: on CPU the RSS high-water mark
-  (getrusage ru_maxrss) minus the RSS read from /proc/self/statm, on CUDA max_memory_allocated;
+- peak memory of the fwd+bwd above the memory held just before it: the most bytes tensors held
+  (`tools.benchutil.peak_bytes`: on CPU the profiler's allocation record, on CUDA max_memory_allocated);
 - saved activation bytes: unique storages packed by saved_tensors_hooks, excluding the inputs and
   parameters (deterministic, a noise-free companion to the peak);
 - median wall time over --repeats fwd+bwd runs.
 
-Every (variant, S) runs in a fresh subprocess (`--one VARIANT S`) because the RSS high-water mark
-never goes down: apart from a two-chunk warm-up, the measured step is the first thing that child does.
+Every (variant, S) runs in a fresh subprocess (`--one VARIANT S`), so none inherits another's caches:
+apart from a two-chunk warm-up, the measured step is the first thing that child does.
 The scan is hundreds of small ops: when other processes compete for the cores, multi-threaded runs
 of it slow down many-fold (idle worker threads spin), so time on an idle machine or with --threads 1.
 
@@ -170,8 +170,7 @@ def _median_ms(step: Callable[[], None], repeats: int, device: torch.device) -> 
 
 def _warm_up(variant: str, shape: Shape, device: torch.device) -> None:
     """One fwd+bwd on two chunks, so one-time costs (thread pools, allocator caches, autograd engine)
-    stay out of the measured peak; it is far smaller than the measured step, so the high-water mark
-    it leaves is overtaken."""
+    stay out of the measured step."""
     small = replace(shape, seq_len=2 * shape.chunk_size)
     layer = _build_layer(small, device)
     _make_step(_make_forward(variant, layer, small), layer)()

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
-import resource
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 MIB = 2**20
 
@@ -19,40 +17,30 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _current_rss_bytes() -> int:
-    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def _rss_high_water_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def _reset_rss_high_water() -> None:
-    """Lower the RSS high-water mark to the current RSS (Linux: 5 written to clear_refs), so that a step's peak is
-    its own and not an earlier step's or import's; where that is not allowed the mark stays (an upper bound)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+def _peak_cpu_tensor_bytes(step: Callable[[], None]) -> int:
+    """The most bytes CPU tensors held above the start while the step ran, from the profiler's record of every
+    allocation and free (the allocator's view, as CUDA's peak counter: no code pages, no glibc caching)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    events = [event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda event: event.start_ns()):
+        if event.device_type() == DeviceType.CPU:
+            live += event.nbytes()  # negative for a free
+            peak = max(peak, live)
+    return peak
 
 
 def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Memory the step needs above what is held before it."""
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    _reset_rss_high_water()
-    before, high_water_before = _current_rss_bytes(), _rss_high_water_bytes()
+    """Tensor bytes the step needs above what is held before it."""
+    if device.type != "cuda":
+        return _peak_cpu_tensor_bytes(step)
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
     step()
-    high_water = _rss_high_water_bytes()
-    if high_water == high_water_before:
-        print("warning: the step did not raise the RSS high-water mark; its peak is an upper bound", file=sys.stderr)
-    return high_water - before
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

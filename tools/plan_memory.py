@@ -53,9 +53,10 @@ decoder layers of which T are TTT layers; d x h the MLP; steady state (optimizer
   fp32 gradient and the hidden states' gradient.
 
 The step's peak is the largest of three moments: the loss's backward (every activation saved), the
-backward of the last decoder layer (every activation saved, that layer recomputed with activation
-checkpointing, its gradients in flight) and the optimizer step (all gradients); the table shows what
-each row holds at the peak and its own largest value over the step.
+decoder's backward at its largest (layer by layer from the last: what the layers below kept, the layer's own
+activations, rebuilt when it is recomputed, its gradients in flight, the gradients accumulated so far) and the
+optimizer step (all gradients); the table shows what each row holds at the peak and its own largest value over
+the step.
 """
 
 from __future__ import annotations
@@ -388,6 +389,8 @@ class Activations:
     saved: int  # held when the backward starts
     recomputed: int  # the largest checkpointed layer, rebuilt in its backward
     backward: int  # gradients in flight in one layer's backward
+    kept: tuple[int, ...]  # per decoder layer, what it keeps until its backward (its input alone if recomputed)
+    rebuilt: tuple[int, ...]  # per decoder layer, what its backward rebuilds first (0 unless recomputed)
 
 
 def activations_of(m: ModelFacts, st: Setup) -> Activations:
@@ -402,16 +405,19 @@ def activations_of(m: ModelFacts, st: Setup) -> Activations:
 
     recomputed = checkpointed_layers(m, st)
     checkpoint = a * m.hidden * s  # a recomputed layer keeps only its input
-    saved = sum(checkpoint if i in recomputed else layer(i) for i in range(m.layers)) + outside
+    kept = tuple(checkpoint if i in recomputed else layer(i) for i in range(m.layers))
+    rebuilt = tuple(layer(i) if i in recomputed else 0 for i in range(m.layers))
     backward = max(attention.backward, _mlp_backward_bytes(m, st))
     return Activations(
         attention=attention,
         mlp=mlp,
         ttt_extra=ttt_extra if m.ttt_layers else 0,
         outside=outside,
-        saved=saved,
-        recomputed=max((layer(i) for i in recomputed), default=0),
+        saved=sum(kept) + outside,
+        recomputed=max(rebuilt),
         backward=backward,
+        kept=kept,
+        rebuilt=rebuilt,
     )
 
 
@@ -422,13 +428,13 @@ def _state_pair_bytes(m: ModelFacts, st: Setup) -> int:
     return 2 * m.hidden * m.intermediate * st.acc_bytes * st.batch
 
 
-def held_state_pairs(m: ModelFacts, st: Setup, in_backward: bool) -> int:
-    """Incoming CP states kept for the backward: those of the TTT layers that are not recomputed,
-    and during the backward that of a recomputed one."""
+def kept_state_pairs(m: ModelFacts, st: Setup, layers: range) -> int:
+    """Incoming CP states the TTT layers among `layers` keep for their backward (a recomputed one receives
+    its state again when its backward rebuilds it)."""
     if st.cp == 1:
         return 0
-    recomputed = checkpointed_layers(m, st) & set(m.ttt_layer_indices)
-    return m.ttt_layers - len(recomputed) + (1 if in_backward and recomputed else 0)
+    recomputed = checkpointed_layers(m, st)
+    return sum(1 for i in m.ttt_layer_indices if i in layers and i not in recomputed)
 
 
 def loss_bytes(m: ModelFacts, st: Setup) -> int:
@@ -490,20 +496,34 @@ class Plan:
         return max(held[row] for held in self.moments.values())
 
 
+def _largest_layer_backward(m: ModelFacts, st: Setup, act: Activations, root_grads: int) -> tuple[int, int, int]:
+    """(gradients, activations, fast-weight states) at the largest moment of the decoder's backward. Layer i's
+    backward holds what the layers below it kept, its own activations (rebuilt beside its kept input when
+    recomputed), the gradients in flight, and the gradients of the root and the layers from i up (sharded, those
+    above, by an engine that shards them); the layers above have freed what they kept."""
+    pair = _state_pair_bytes(m, st)
+    working_pairs = SCAN_WORKING_PAIRS + (CP_MESSAGE_PAIRS if st.cp > 1 else 0)
+    layer_grads = m.largest_layer_params * st.master_bytes
+    above_share = st.gpus if SHARDED[st.engine][1] else 1
+
+    def held(i: int) -> tuple[int, int, int]:
+        grads = root_grads + layer_grads + math.ceil((m.layers - 1 - i) * layer_grads / above_share)
+        activations = act.outside + sum(act.kept[: i + 1]) + act.rebuilt[i] + act.backward
+        ttt = i in m.ttt_layer_indices  # it holds its incoming state (kept or received again) and the scan's
+        states = kept_state_pairs(m, st, range(i)) + ((1 if st.cp > 1 else 0) + working_pairs if ttt else 0)
+        return grads, activations, states * pair
+
+    return max((held(i) for i in range(m.layers)), key=sum)
+
+
 def plan(m: ModelFacts, st: Setup) -> Plan:
     params, grads, optim = state_bytes(m, st)
     act = activations_of(m, st)
     pair = _state_pair_bytes(m, st)
-    working_pairs = (SCAN_WORKING_PAIRS + (CP_MESSAGE_PAIRS if st.cp > 1 else 0)) if m.ttt_layers else 0
     root_grads = m.root_params * st.master_bytes  # the head's gradient arrives first
     moments = {
-        "loss backward": (root_grads, act.saved, held_state_pairs(m, st, False) * pair, loss_bytes(m, st)),
-        "last layer's backward": (
-            root_grads + m.largest_layer_params * st.master_bytes,
-            act.saved + act.recomputed + act.backward,
-            (held_state_pairs(m, st, True) + working_pairs) * pair,
-            0,
-        ),
+        "loss backward": (root_grads, act.saved, kept_state_pairs(m, st, range(m.layers)) * pair, loss_bytes(m, st)),
+        "decoder backward": (*_largest_layer_backward(m, st, act, root_grads), 0),
         "optimizer step": (grads * (2 if st.engine == "ddp" else 1), 0, 0, 0),  # ddp: + the flat all-reduce copy
     }
     held = {
