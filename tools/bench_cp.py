@@ -21,8 +21,10 @@ are TTT layers, activations of `a` bytes, fast-weight states fp32:
                                                                           reduce-scatter (a ring, as the
                                                                           ledger models it)
     Ulysses attention     L (P-1)/P (S/P) head_dim (2 heads + 2 kv_heads) a  x 2   q, k, v out, output back
-    fast-weight scan      T m(r, P) (1 + 2 d h) 4                         one message: a reset flag and
-                                                                          the committed and pending d x h
+    fast-weight scan      T m(r, P) (1 + 2 d h + 3) 4                     one message: a reset flag and
+                                                                          the committed and pending d x h;
+                                                                          the normalized write's gate mass
+                                                                          the same with d = h = 1 (+3)
     NTP halo              [r > 0] (8 + T d a) + [r < P-1] T d a           one row per TTT layer, forward to
                                                                           r-1, its gradient back to r+1;
                                                                           8: the int64 position row
@@ -102,6 +104,7 @@ class Arch:
 TINY = Arch(hidden=256, intermediate=1024, layers=4, heads=8, kv_heads=4, head_dim=32)
 TINY_VOCAB = 1024
 TINY_TTT_LAYERS = "every:2"
+TINY_WRITE = "normalized"  # its gate mass has a scan of its own: one more (flag, committed, pending) of 1 x 1
 TINY_ACTIVATION_BYTES = 4  # fp32
 
 QWEN3 = {  # published configs: hidden, intermediate, layers, heads, kv heads, head_dim
@@ -139,7 +142,8 @@ def scan_messages(rank: int, ranks: int) -> int:
 
 
 def scan_bytes(arch: Arch, ttt_layers: int, rank: int, ranks: int) -> int:
-    return ttt_layers * scan_messages(rank, ranks) * (1 + 2 * arch.hidden * arch.intermediate) * STATE_BYTES
+    mass = 3 if TINY_WRITE == "normalized" else 0
+    return ttt_layers * scan_messages(rank, ranks) * (1 + 2 * arch.hidden * arch.intermediate + mass) * STATE_BYTES
 
 
 def halo_bytes(arch: Arch, ttt_layers: int, rank: int, ranks: int, act_bytes: int) -> int:
@@ -186,7 +190,7 @@ def _build_model(chunk_size: int) -> torch.nn.Module:
         tie_word_embeddings=False,
     )
     model = Qwen3ForCausalLM(config)
-    patch_model(model, TTTConfig(method="ntp", layers=TINY_TTT_LAYERS, chunk_size=chunk_size, lr=LR))
+    patch_model(model, TTTConfig(method="ntp", layers=TINY_TTT_LAYERS, chunk_size=chunk_size, lr=LR, write=TINY_WRITE))
     return apply_cp(model, dist.group.WORLD).train()
 
 
