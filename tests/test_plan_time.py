@@ -16,7 +16,7 @@ from multiproc import run_ranks
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from parallel.comm import LEDGER
-from tools.bench_cp import TINY, TINY_ACTIVATION_BYTES, modelled_bytes
+from tools.bench_cp import TINY, TINY_ACTIVATION_BYTES, TINY_WRITE, modelled_bytes
 from tools.gpu_check import model_flops, training_job
 from tools.hardware import Links
 from tools.plan_memory import compose_config, meta_model, model_facts, setup_of
@@ -106,9 +106,10 @@ def test_fsdp2_bytes_of_a_known_collective():
 
 
 def test_cp_bytes_equal_bench_cps_formulas_on_contiguous_shards():
-    """tools.bench_cp's closed forms (contiguous shards, raw write: no gate-mass scan) against the transfers."""
+    """tools.bench_cp's closed forms (contiguous shards, its normalized write with the gate-mass scan) against the
+    transfers."""
     overrides = [
-        "model=tiny", "ttt=ntp", "ttt.write=raw", "ttt.layers=every:2", "ttt.chunk_size=64",
+        "model=tiny", "ttt=ntp", f"ttt.write={TINY_WRITE}", "ttt.layers=every:2", "ttt.chunk_size=64",
         f"model.config.hidden_size={TINY.hidden}", f"model.config.intermediate_size={TINY.intermediate}",
         f"model.config.num_attention_heads={TINY.heads}", f"model.config.num_key_value_heads={TINY.kv_heads}",
         f"model.config.head_dim={TINY.head_dim}", "data.seq_len=4096", "parallel.load_balance=contiguous",
