@@ -74,6 +74,31 @@ def test_drop_in_at_init(family, method):
     assert torch.equal(before, after)
 
 
+def test_gate_bias_sets_where_the_gate_starts_not_what_is_first_read():
+    """Every token starts at g = sigmoid(b): the gated mean is the plain mean whatever b is, while the gate's
+    gradient differs (a negative b makes it log-linear)."""
+    ids = torch.randint(0, VOCAB, (1, 21))
+    outputs, gate_grads = [], []
+    for bias in (0.0, -4.0):
+        torch.manual_seed(0)
+        model = patch_model(tiny_qwen3(dtype=torch.float64), TTTConfig(method="ntp", chunk_size=4, gate_bias=bias))
+        randomize_ttt_parameters(model)  # P != 0, so the read is not zero
+        gate = model.model.layers[0].mlp.ttt_gate
+        with torch.no_grad():
+            gate.weight.zero_()
+            gate.bias.fill_(bias)
+        logits = model(ids).logits
+        logits.square().sum().backward()
+        outputs.append(logits.detach())
+        gate_grads.append(gate.weight.grad.clone())
+    assert (
+        patch_model(tiny_qwen3(), TTTConfig(method="ntp", gate_bias=-4.0)).model.layers[0].mlp.ttt_gate.bias.item()
+        == -4.0
+    )
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(gate_grads[1], gate_grads[0])
+
+
 @pytest.mark.parametrize("family", sorted(MODEL_BUILDERS))
 @pytest.mark.parametrize("variant", ["inplace", "ntp", "recon", "inplace-embed"])
 def test_packed_documents_equal_separate_runs(family, variant):
@@ -129,6 +154,8 @@ def test_checkpoint_keys_of_the_base_model_load_unchanged():
         (dict(layers="some"), "ttt.layers must be"),
         (dict(clip=-1.0), "ttt.clip must be positive"),
         (dict(write="sum"), "ttt.write must be one of raw, normalized"),
+        (dict(gate_bias=float("nan")), "ttt.gate_bias must be a finite number"),
+        (dict(gate_bias="low"), "ttt.gate_bias must be a finite number"),
     ],
 )
 def test_bad_config_values(kwargs, message):

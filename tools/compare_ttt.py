@@ -11,7 +11,9 @@ another so they share the machine alike; the table (markdown) and every number (
 OUT/compare.md and OUT/compare.json. A finished run directory is read again instead of retrained. With
 --ppl-data each run's last checkpoint is also scored on held-out documents (`tools.eval --tasks ppl`, NLL by
 position in buckets one attention window wide): the table gains the NLL within the window and beyond it, and
-OUT/held_out_nll.png plots the methods' curves.
+OUT/held_out_nll.png plots the methods' curves. With --distance-edges each run's last checkpoint is scored again
+on its own held-out answers (the run's eval.seed and eval.samples), split by key -> answer distance at those edges
+(which need not be the run's eval.distance_edges): the table gains one accuracy column per distance bucket.
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from tools.benchutil import OneLineErrorParser, positive_int
+from tools.export_hf import load_checkpoint_model
+from trainer.config import job_config
+from trainer.data import build_dataset
+from trainer.evaluation.answers import answer_accuracy
+from trainer.loop import setup_ranks
+from trainer.model import CausalLMLoss
 from trainer.tracking import write_json_atomically
 
 
@@ -54,10 +64,10 @@ def _held_out_nll(run_dir: Path, ppl: argparse.Namespace) -> dict | None:
         return None
     out = run_dir / "ppl"
     if not (out / "ppl.json").is_file():
-        checkpoint = max((run_dir / "checkpoints").glob("step-*"), key=lambda path: int(path.name.split("-")[1]))
-        command = [sys.executable, "-m", "tools.eval", str(checkpoint), "--tasks", "ppl", "--ppl-data", ppl.ppl_data,
-                   "--ppl-length", str(ppl.ppl_length), "--ppl-documents", str(ppl.ppl_documents),
-                   "--ppl-spacing", "linear", "--ppl-buckets", str(ppl.ppl_length // ppl.ppl_window),
+        command = [sys.executable, "-m", "tools.eval", str(_last_checkpoint(run_dir)), "--tasks", "ppl",
+                   "--ppl-data", ppl.ppl_data, "--ppl-length", str(ppl.ppl_length),
+                   "--ppl-documents", str(ppl.ppl_documents), "--ppl-spacing", "linear",
+                   "--ppl-buckets", str(ppl.ppl_length // ppl.ppl_window),
                    "--out", str(out), "--wandb-mode", "disabled"]  # fmt: skip
         if ppl.ppl_tokenizer:
             command += ["--tokenizer", ppl.ppl_tokenizer]
@@ -74,7 +84,33 @@ def _held_out_nll(run_dir: Path, ppl: argparse.Namespace) -> dict | None:
     return {"within": mean(within), "beyond": mean(beyond), "buckets": buckets}
 
 
-def _summary(run_dir: Path, ppl: argparse.Namespace) -> dict:
+def _last_checkpoint(run_dir: Path) -> Path:
+    return max((run_dir / "checkpoints").glob("step-*"), key=lambda path: int(path.name.split("-")[1]))
+
+
+def _answers_by_distance(run_dir: Path, edges: list[int]) -> list[dict] | None:
+    """The held-out answer accuracy of the run's last checkpoint per key -> answer distance bucket split at
+    `edges`, scored as the training loop scores it (its held-out documents and count), kept in
+    RUN/answers_by_distance.json; None without edges."""
+    if not edges:
+        return None
+    kept = run_dir / "answers_by_distance.json"
+    if kept.is_file() and json.loads(kept.read_text())["edges"] == edges:
+        return json.loads(kept.read_text())["by_distance"]
+    model = load_checkpoint_model(_last_checkpoint(run_dir))  # also sets up the resolvers the saved config uses
+    job = job_config(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+    held_out = build_dataset(job.data.name, job.data.seq_len, model.config.vocab_size, job.eval.seed, job.data.options)
+    if not job.eval.samples or not hasattr(held_out, "sample"):
+        raise SystemExit(
+            f"compare_ttt: error: --distance-edges: {run_dir.name} has no held-out answers to score "
+            f"(data {job.data.name}, eval.samples {job.eval.samples})"
+        )
+    scores = answer_accuracy(CausalLMLoss(model), held_out, job.eval.samples, setup_ranks(cp=1), tuple(edges))
+    write_json_atomically(kept, {"edges": edges, **scores})
+    return scores["by_distance"]
+
+
+def _summary(run_dir: Path, args: argparse.Namespace) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     update = [max((v for k, v in r.items() if k.startswith("ttt_update_norm/")), default=0.0) for r in records]
     evaluation = run_dir / "eval.json"
@@ -85,7 +121,8 @@ def _summary(run_dir: Path, ppl: argparse.Namespace) -> dict:
         "accuracy": _accuracies(evaluation)[0],
         "accuracy_far": _accuracies(evaluation)[1],
         "seconds": float((run_dir / "done").read_text().split()[0]),
-        "held_out_nll": _held_out_nll(run_dir, ppl),
+        "held_out_nll": _held_out_nll(run_dir, args),
+        "by_distance": _answers_by_distance(run_dir, args.distance_edges),
     }
 
 
@@ -96,6 +133,16 @@ def _accuracies(evaluation: Path) -> tuple[float | None, float | None]:
     scores = json.loads(evaluation.read_text())
     far = scores["by_distance"][-1]["accuracy"] if len(scores["by_distance"]) > 1 else None
     return scores["accuracy"], far
+
+
+def _edges(text: str) -> list[int]:
+    try:
+        edges = [int(e) for e in text.split(",") if e]
+    except ValueError:
+        edges = []
+    if not edges or any(e <= 0 for e in edges) or edges != sorted(set(edges)):
+        raise argparse.ArgumentTypeError(f"must be increasing positive integers, comma-separated, got {text!r}")
+    return edges
 
 
 def _mean_std(values: list[float]) -> str:
@@ -132,12 +179,25 @@ def table(results: dict[str, list[dict]], steps_shown: list[int]) -> str:
         held_out = (
             (" | " + " | ".join(_mean_std([n[part] for n in nll]) for part in ("within", "beyond"))) if nll else ""
         )
+        buckets = [run["by_distance"] for run in runs if run.get("by_distance")]
+        by_distance = "".join(
+            f" {_mean_std(scores) if scores else '-'} |"
+            for scores in ([b[i]["accuracy"] for b in buckets if b[i]["accuracy"] is not None]
+                           for i in range(len(buckets[0]) if buckets else 0))
+        )  # fmt: skip
         lines.append(
-            f"| {method} | " + " | ".join(cells) + f" | {ratio} | {grads} | {update:.3g} | {accuracy}{held_out} |"
+            f"| {method} | "
+            + " | ".join(cells)
+            + f" | {ratio} | {grads} | {update:.3g} | {accuracy}{held_out} |{by_distance}"
         )
     if any(run.get("held_out_nll") for runs in results.values() for run in runs):
         lines[0] += " held-out NLL within the window | beyond it |"
         lines[1] += "---:|---:|"
+    scored = next((run["by_distance"] for runs in results.values() for run in runs if run.get("by_distance")), None)
+    for bucket in scored or []:
+        span = f">= {bucket['min']}" if bucket["max"] is None else f"[{bucket['min']}, {bucket['max']})"
+        lines[0] += f" accuracy at distance {span} ({bucket['answers']}) |"
+        lines[1] += "---:|"
     return "\n".join(lines)
 
 
@@ -174,6 +234,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ppl-length", type=positive_int, default=512, help="tokens per held-out document")
     parser.add_argument("--ppl-documents", type=positive_int, default=64, help="held-out documents")
     parser.add_argument("--ppl-window", type=positive_int, default=64, help="attention's window: within vs beyond")
+    parser.add_argument(
+        "--distance-edges",
+        type=_edges,
+        default=[],
+        help="comma-separated key -> answer distances: re-score each run's answers in these buckets",
+    )
     parser.add_argument("overrides", nargs="*", help="ttt-train overrides (after --)")
     args = parser.parse_args(argv)
     if args.ppl_length % args.ppl_window:

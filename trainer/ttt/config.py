@@ -5,6 +5,7 @@ Validated once, at construction: every bad value raises a one-line `ValueError`.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ class TTTConfig:
     write:         "normalized" (unit-norm keys, a learned per-token write gate, each chunk reads the gated mean
                    of the writes before it: the same scale for any model and length) | "raw" (the In-Place TTT
                    release's dW_c = eta V_c^T Z_c).
+    gate_bias:     b, the write gate's initial bias ("normalized"): g = sigmoid(x . w + b) starts at sigmoid(b) for
+                   every token, so the first read is the plain mean whatever b is; a negative b makes the gate
+                   log-linear (g ~ exp(x . w + b)), a softmax-like selection of the few tokens that write.
     """
 
     method: str = "inplace"
@@ -44,6 +48,7 @@ class TTTConfig:
     target_source: str = "hidden"
     clip: float | None = None
     write: str = "normalized"
+    gate_bias: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -60,6 +65,12 @@ class TTTConfig:
             )
         if self.write not in WRITES:
             raise ValueError(f"ttt.write must be one of {', '.join(WRITES)}, got {self.write!r}")
+        if (
+            isinstance(self.gate_bias, bool)
+            or not isinstance(self.gate_bias, (int, float))
+            or not math.isfinite(self.gate_bias)
+        ):
+            raise ValueError(f"ttt.gate_bias must be a finite number, got {self.gate_bias!r}")
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"ttt.clip must be positive or None, got {self.clip!r}")
         if self.method in ("ntp", "recon") and not self.proj:

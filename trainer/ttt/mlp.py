@@ -58,9 +58,9 @@ class FastWeightMLP(nn.Module):
                 self.ttt_conv.weight[:, 0, self.cfg.conv_kernel // 2 + 1] = 1
         if self.cfg.proj:  # P is the last factor of every target: at zero, V = 0
             nn.init.zeros_(self.ttt_proj.weight)
-        if self.cfg.write == "normalized":  # every token writes alike (g = 1/2): the plain mean to start from
+        if self.cfg.write == "normalized":  # every token writes alike (g = sigmoid(b)): the plain mean to start from
             nn.init.zeros_(self.ttt_gate.weight)
-            nn.init.zeros_(self.ttt_gate.bias)
+            nn.init.constant_(self.ttt_gate.bias, self.cfg.gate_bias)
 
     def set_context_parallel(self, group) -> None:
         """Called by `parallel.apply_cp`: this model now sees one shard of each sequence."""
