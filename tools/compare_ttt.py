@@ -30,9 +30,10 @@ from omegaconf import OmegaConf
 
 from tools.benchutil import OneLineErrorParser, positive_int
 from tools.export_hf import load_checkpoint_model
+from trainer.checkpoint import complete_checkpoints
 from trainer.config import job_config
 from trainer.data import build_dataset
-from trainer.evaluation.answers import answer_accuracy
+from trainer.evaluation.answers import answer_accuracy, distance_span
 from trainer.loop import setup_ranks
 from trainer.model import CausalLMLoss
 from trainer.tracking import write_json_atomically
@@ -64,7 +65,8 @@ def _held_out_nll(run_dir: Path, ppl: argparse.Namespace) -> dict | None:
         return None
     out = run_dir / "ppl"
     if not (out / "ppl.json").is_file():
-        command = [sys.executable, "-m", "tools.eval", str(_last_checkpoint(run_dir)), "--tasks", "ppl",
+        checkpoint = complete_checkpoints(run_dir / "checkpoints")[-1]
+        command = [sys.executable, "-m", "tools.eval", str(checkpoint), "--tasks", "ppl",
                    "--ppl-data", ppl.ppl_data, "--ppl-length", str(ppl.ppl_length),
                    "--ppl-documents", str(ppl.ppl_documents), "--ppl-spacing", "linear",
                    "--ppl-buckets", str(ppl.ppl_length // ppl.ppl_window),
@@ -84,10 +86,6 @@ def _held_out_nll(run_dir: Path, ppl: argparse.Namespace) -> dict | None:
     return {"within": mean(within), "beyond": mean(beyond), "buckets": buckets}
 
 
-def _last_checkpoint(run_dir: Path) -> Path:
-    return max((run_dir / "checkpoints").glob("step-*"), key=lambda path: int(path.name.split("-")[1]))
-
-
 def _answers_by_distance(run_dir: Path, edges: list[int]) -> list[dict] | None:
     """The held-out answer accuracy of the run's last checkpoint per key -> answer distance bucket split at
     `edges`, scored as the training loop scores it (its held-out documents and count), kept in
@@ -95,9 +93,10 @@ def _answers_by_distance(run_dir: Path, edges: list[int]) -> list[dict] | None:
     if not edges:
         return None
     kept = run_dir / "answers_by_distance.json"
-    if kept.is_file() and json.loads(kept.read_text())["edges"] == edges:
-        return json.loads(kept.read_text())["by_distance"]
-    model = load_checkpoint_model(_last_checkpoint(run_dir))  # also sets up the resolvers the saved config uses
+    if kept.is_file() and (scored := json.loads(kept.read_text()))["edges"] == edges:
+        return scored["by_distance"]
+    # loading the checkpoint also sets up the resolvers the saved config uses
+    model = load_checkpoint_model(complete_checkpoints(run_dir / "checkpoints")[-1])
     job = job_config(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
     held_out = build_dataset(job.data.name, job.data.seq_len, model.config.vocab_size, job.eval.seed, job.data.options)
     if not job.eval.samples or not hasattr(held_out, "sample"):
@@ -179,12 +178,11 @@ def table(results: dict[str, list[dict]], steps_shown: list[int]) -> str:
         held_out = (
             (" | " + " | ".join(_mean_std([n[part] for n in nll]) for part in ("within", "beyond"))) if nll else ""
         )
-        buckets = [run["by_distance"] for run in runs if run.get("by_distance")]
-        by_distance = "".join(
-            f" {_mean_std(scores) if scores else '-'} |"
-            for scores in ([b[i]["accuracy"] for b in buckets if b[i]["accuracy"] is not None]
-                           for i in range(len(buckets[0]) if buckets else 0))
-        )  # fmt: skip
+        by_distance = ""
+        scored_runs = [run["by_distance"] for run in runs if run.get("by_distance")]
+        for per_run in zip(*scored_runs):  # one bucket of every scored run
+            scores = [bucket["accuracy"] for bucket in per_run if bucket["accuracy"] is not None]
+            by_distance += f" {_mean_std(scores) if scores else '-'} |"
         lines.append(
             f"| {method} | "
             + " | ".join(cells)
@@ -195,8 +193,7 @@ def table(results: dict[str, list[dict]], steps_shown: list[int]) -> str:
         lines[1] += "---:|---:|"
     scored = next((run["by_distance"] for runs in results.values() for run in runs if run.get("by_distance")), None)
     for bucket in scored or []:
-        span = f">= {bucket['min']}" if bucket["max"] is None else f"[{bucket['min']}, {bucket['max']})"
-        lines[0] += f" accuracy at distance {span} ({bucket['answers']}) |"
+        lines[0] += f" accuracy at distance {distance_span(bucket)} ({bucket['answers']}) |"
         lines[1] += "---:|"
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ from tools.benchutil import OneLineErrorParser, positive_int
 from tools.plan_memory import compose_config
 from trainer.config import job_config
 from trainer.data import build_dataset
+from trainer.evaluation.answers import distance_buckets, distance_span
 from trainer.model import build_model
 from trainer.ttt.patch import decoder_of
 
@@ -54,11 +55,7 @@ def _score(model, dataset, documents: int, edges: tuple[int, ...], gate: dict) -
             nll[bucket] += float(-log_probs.gather(1, expected[:, None]).mean())
             hits[bucket] += float(torch.equal(log_probs.argmax(-1), expected))
             counts[bucket] += 1
-    lows, highs = (0, *edges), (*edges, None)
-    return [
-        {"min": lo, "max": hi, "answers": n, "nll": s / n if n else None, "accuracy": h / n if n else None}
-        for lo, hi, s, h, n in zip(lows, highs, nll, hits, counts)
-    ]
+    return distance_buckets(edges, counts, nll=nll, accuracy=hits)
 
 
 def measure(overrides: list[str], layers: list[int], scales: list[float], documents: int) -> dict:
@@ -66,7 +63,7 @@ def measure(overrides: list[str], layers: list[int], scales: list[float], docume
     results = {}
     for layer in layers:
         job = job_config(compose_config(["ttt=ntp", f"ttt.layers=[{layer}]", "ttt.target_source=embed",
-                                         *overrides, "train.trainable=all"]))  # fmt: skip
+                                         *overrides]))  # fmt: skip
         model = build_model(job.model, job.ttt, torch.device("cpu"), job.seed).eval()
         dataset = build_dataset(job.data.name, job.data.seq_len, model.config.vocab_size, job.eval.seed,
                                 job.data.options)  # fmt: skip
@@ -100,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     results = measure(args.overrides, args.layers, args.scales, args.documents)
     buckets = next(iter(results.values()))
-    spans = [f">= {b['min']}" if b["max"] is None else f"[{b['min']}, {b['max']})" for b in buckets]
+    spans = [distance_span(b) for b in buckets]
     print("| layer | scale | " + " | ".join(f"NLL, distance {s} ({b['answers']})" for s, b in zip(spans, buckets))
           + " | " + " | ".join(f"exact match, {s}" for s in spans) + " |")  # fmt: skip
     print("|---:|---:|" + "---:|" * (2 * len(buckets)))

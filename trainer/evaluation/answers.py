@@ -41,16 +41,26 @@ def answer_accuracy(step_model, dataset, count: int, ranks, distance_edges: tupl
         counts = torch.stack([hits, totals]).to(ranks.device)
         dist.all_reduce(counts, group=ranks.dp_group)
         hits, totals = counts.cpu()
-    lows = (0, *distance_edges)
-    highs = (*distance_edges, None)
     return {
         "accuracy": float(hits.sum() / totals.sum()),
         "answers": int(totals.sum()),
-        "by_distance": [
-            {"min": lo, "max": hi, "answers": int(n), "accuracy": float(h / n) if n else None}
-            for lo, hi, h, n in zip(lows, highs, hits, totals)
-        ],
+        "by_distance": distance_buckets(distance_edges, totals, accuracy=hits),
     }
+
+
+def distance_buckets(edges, counts, **sums) -> list[dict]:
+    """One dict per key -> answer distance bucket split at `edges`: its span ("min", "max": None for the last),
+    its answer count and each of `sums` (per-bucket totals) as a mean over its answers (None where it has none)."""
+    spans = zip((0, *edges), (*edges, None))
+    return [
+        {"min": lo, "max": hi, "answers": int(n), **{k: float(v[i] / n) if n else None for k, v in sums.items()}}
+        for i, ((lo, hi), n) in enumerate(zip(spans, counts))
+    ]
+
+
+def distance_span(bucket: dict) -> str:
+    """A bucket's distances as a table header writes them: "[lo, hi)", or ">= lo" for the last."""
+    return f">= {bucket['min']}" if bucket["max"] is None else f"[{bucket['min']}, {bucket['max']})"
 
 
 def _gather_sequence(local: torch.Tensor, ranks) -> torch.Tensor:
