@@ -265,3 +265,18 @@ def test_prepare_train_and_resume_read_the_same_sequences(corpora, tokenizer_dir
             for row, r in zip(metrics(full)[3:], metrics(resumed))
         ]
     )
+
+
+def test_shuffle_reads_an_epochs_sequences_in_another_order_by_seed(corpora):
+    options = dict(sources=[corpora["long"]])
+    plain = CorpusDataset(VOCAB, SEQ, seed=3, **options)
+    shuffled, again = (CorpusDataset(VOCAB, SEQ, seed=3, shuffle=True, **options) for _ in range(2))
+    n = plain.sequences_per_epoch
+    assert shuffled.sequences_per_epoch == n
+    for epoch in (0, 1):
+        seen = [tuple(shuffled[epoch * n + i]["input_ids"][0].tolist()) for i in range(n)]
+        stream = [tuple(plain[epoch * n + i]["input_ids"][0].tolist()) for i in range(n)]
+        assert Counter(seen) == Counter(stream) and seen != stream  # the same sequences, another order
+        assert seen == [tuple(again[epoch * n + i]["input_ids"][0].tolist()) for i in range(n)]
+    with pytest.raises(DataError, match="data.shuffle must be true or false, got 'yes'"):
+        CorpusDataset(VOCAB, SEQ, seed=3, shuffle="yes", **options)

@@ -16,6 +16,7 @@ VARIANTS = {
     "qwen3-inplace": ("qwen3", dict(method="inplace")),
     "qwen3-ntp": ("qwen3", dict(method="ntp")),
     "qwen3-recon": ("qwen3", dict(method="recon")),
+    "mistral-nomem": ("mistral", dict(method="nomem")),  # the control without memory
     "qwen3-ntp-embed": ("qwen3", dict(method="ntp", target_source="embed")),
     "qwen3-inplace-clip": ("qwen3", dict(method="inplace", clip=0.05)),
     "llama-ntp-clip": ("llama", dict(method="ntp", clip=0.05)),

@@ -63,7 +63,7 @@ def test_mlp_gradients_fp64(write):
 
 
 @pytest.mark.parametrize("family", sorted(MODEL_BUILDERS))
-@pytest.mark.parametrize("method", ["inplace", "ntp", "recon"])
+@pytest.mark.parametrize("method", ["inplace", "ntp", "recon", "nomem"])
 def test_drop_in_at_init(family, method):
     base = MODEL_BUILDERS[family](dtype=torch.float32)
     ids = torch.randint(0, VOCAB, (2, 21))

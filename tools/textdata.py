@@ -6,8 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from trainer.data.tokenizer import save_tokenizer_folder, train_bpe
 
 _NOUNS = "river city model signal garden window teacher number planet story engine market letter valley".split()
 _VERBS = "finds carries watches builds follows remembers answers moves opens writes measures keeps".split()
@@ -27,18 +26,5 @@ def make_documents(count: int, seed: int, min_sentences: int = 1, max_sentences:
 
 
 def build_tokenizer(folder: Path, vocab_size: int = 300) -> Path:
-    """Train a byte-level BPE tokenizer on generated text and save it as a Hugging Face folder that
-    `AutoTokenizer.from_pretrained(folder)` loads."""
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(make_documents(200, seed=0), trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
-    wrapped.save_pretrained(folder)
-    return folder
+    """A byte-level BPE tokenizer trained on generated text, saved as a Hugging Face folder."""
+    return save_tokenizer_folder(train_bpe(make_documents(200, seed=0), vocab_size), folder)

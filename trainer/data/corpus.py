@@ -14,6 +14,9 @@ process, at any world size, after any restart (the loader's position is all a ch
 - Epoch e lays those document instances back to back in an order shuffled by (seed, e). With `packing`
   the stream is cut into seq_len sequences (a tail shorter than one sequence is dropped); without, each
   instance starts a new sequence and its last one is padded (padding is its own document, no labels).
+- With `shuffle`, the epoch's sequences are read in an order shuffled by (seed, epoch): without it, a batch of
+  consecutive sequences is often one long document's consecutive pieces (a file of 100k tokens fills 200
+  sequences of 512 in a row), so steps see few documents and their gradients are strongly correlated.
 - A document cut by a sequence end continues in the next sequence as a new document: position ids
   restart at 0 at every document start and only there (`parallel.sharding.document_starts`), so
   attention and fast weights start fresh on each piece, and labels never cross a document.
@@ -67,6 +70,7 @@ class CorpusDataset:
         long_doc_len: int | None = None,
         long_doc_upsample: float = 1.0,
         verify_checksums: bool = True,
+        shuffle: bool = False,
     ) -> None:
         weighted = _sources(sources)
         min_doc_len = _non_negative_int(min_doc_len, "min_doc_len")
@@ -75,7 +79,9 @@ class CorpusDataset:
             raise DataError(f"data.long_doc_upsample must be a number > 0, got {long_doc_upsample!r}")
         if not long_doc_upsample > 0:
             raise DataError(f"data.long_doc_upsample must be a number > 0, got {long_doc_upsample!r}")
-        self.seq_len, self.packing = seq_len, bool(packing)
+        if not isinstance(shuffle, bool):
+            raise DataError(f"data.shuffle must be true or false, got {shuffle!r}")
+        self.seq_len, self.packing, self.shuffle = seq_len, bool(packing), shuffle
         self.folders = [folder for folder, _ in weighted]
         self._seed = seed % (1 << 64)
 
@@ -110,6 +116,7 @@ class CorpusDataset:
         if self.sequences_per_epoch == 0:
             raise DataError(f"data: the sources hold fewer than data.seq_len={seq_len} tokens")
         self._epoch_plan: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._sequence_order: tuple[int, np.ndarray] | None = None
 
     def _instances_per_epoch(self, upsample: np.ndarray, share: np.ndarray) -> np.ndarray:
         """Document ids, each repeated as often as it appears in one epoch (see the module docstring)."""
@@ -127,8 +134,17 @@ class CorpusDataset:
             self._epoch_plan = (epoch, order, np.cumsum(self._span[order]))
         return self._epoch_plan[1], self._epoch_plan[2]
 
+    def _shuffled(self, epoch: int, local: int) -> int:
+        """Which of epoch `epoch`'s sequences (in stream order) is read at `local` (`shuffle`)."""
+        if self._sequence_order is None or self._sequence_order[0] != epoch:
+            order = np.random.default_rng([self._seed, 2, epoch]).permutation(self.sequences_per_epoch)
+            self._sequence_order = (epoch, order)
+        return int(self._sequence_order[1][local])
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         epoch, local = divmod(index, self.sequences_per_epoch)
+        if self.shuffle:
+            local = self._shuffled(epoch, local)
         order, ends = self._epoch(epoch)
         begin, stop = local * self.seq_len, (local + 1) * self.seq_len
         pieces = []  # (token ids, is padding), one per document piece in [begin, stop)

@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-METHODS = ("none", "inplace", "ntp", "recon")
+METHODS = ("none", "inplace", "ntp", "recon", "nomem")
 WRITES = ("raw", "normalized")  # see trainer/ttt/fastweight.py
 TARGET_SOURCES = ("hidden", "embed")
 
@@ -21,14 +21,15 @@ _EVERY_RULE = re.compile(r"^every:(\d+)(?::(\d+))?$")
 class TTTConfig:
     """Fast-weight MLP settings (see DESIGN.md, "The fast-weight MLP").
 
-    method:        "none" | "inplace" (conv target) | "ntp" (next-position target) | "recon" (ablation).
+    method:        "none" | "inplace" (conv target) | "ntp" (next-position target) | "recon" (ablation) |
+                   "nomem" (the control without memory: ntp's parameters, each token reads only its own value).
     layers:        explicit decoder-layer indices, "all", or an every-k rule "every:K" / "every:K:OFFSET"
                    (layers i with i % K == OFFSET, OFFSET defaults to K - 1 so the last layer of each
                    group of K is a TTT layer).
     chunk_size:    C, positions per fast-weight write.
     lr:            eta: the raw write's dW_c = eta * V_c^T Z_c; the normalized read's gain (|O| <= eta max |V|).
     conv_kernel:   k of the depthwise target conv ("inplace"); odd, so the conv is centered.
-    proj:          learn the d x d target projection P (`ttt_proj`). Required by "ntp" and "recon".
+    proj:          learn the d x d target projection P (`ttt_proj`). Required by "ntp", "recon" and "nomem".
     target_source: T, the value-target source: the MLP input ("hidden") or token embeddings ("embed").
     clip:          tau; at inference a chunk delta with Frobenius norm above tau is scaled to tau.
     write:         "normalized" (unit-norm keys, a learned per-token write gate, each chunk reads the gated mean
@@ -73,7 +74,7 @@ class TTTConfig:
             raise ValueError(f"ttt.gate_bias must be a finite number, got {self.gate_bias!r}")
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"ttt.clip must be positive or None, got {self.clip!r}")
-        if self.method in ("ntp", "recon") and not self.proj:
+        if self.method in ("ntp", "recon", "nomem") and not self.proj:
             raise ValueError(
                 f"ttt.method={self.method} needs ttt.proj=true: its target has no other parameter to start at zero"
             )

@@ -78,9 +78,11 @@ class FastWeightMLP(nn.Module):
         if source is None:
             raise ValueError("ttt.target_source=embed needs token embeddings: call the patched model or pass source=")
         source = source.to(z.dtype)
+        gates = torch.sigmoid(self.ttt_gate(x)).to(z.dtype) if self.cfg.write == "normalized" else None
+        if self.cfg.method == "nomem":  # the control: the same parameters, no memory, no future token
+            return out + self._own_value(source, gates)
         clip = None if self.training else self.cfg.clip
         keys = write_keys(z, self.cfg.write)
-        gates = torch.sigmoid(self.ttt_gate(x)).to(z.dtype) if self.cfg.write == "normalized" else None
         if context.decoding is not None:  # incremental decoding: this layer's fast weight lives in the cache
             state = context.decoding.fast_weight_state(self)
             return out + state.extend(keys, source, gates, self._values, clip)
@@ -123,6 +125,13 @@ class FastWeightMLP(nn.Module):
             fast, (committed, pending) = local_scan()
             incoming = exclusive_state_scan(committed, pending, resets, cp)
         return fast + read_incoming_state(keys, layout, *incoming), committed
+
+    def _own_value(self, source: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
+        """`nomem`: each token reads only what it would write itself, lr * g_t * (T_t @ P): ntp's parameters
+        (P and the write gate) and its start at zero, but nothing of an earlier chunk and nothing of a later
+        token, so whatever it gains over `none` is capacity, not memory."""
+        own = self.cfg.lr * (source @ self.ttt_proj.weight)
+        return own if gates is None else gates * own
 
     def _values(self, source: torch.Tensor, target_layout) -> torch.Tensor:
         """Value targets of this shard; under CP they may read halo rows of the neighbouring shards."""
