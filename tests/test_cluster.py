@@ -25,9 +25,9 @@ from test_train import cli, compose_job, metrics, wandb_history_file
 
 import trainer.train
 from trainer.cluster import MASTER_PORTS, default_resume, join_job_ranks, preemption_signals
+from trainer.compose import CONF_DIR
 from trainer.config import ConfigError
 from trainer.tracking import last_recorded
-from trainer.train import CONF_DIR
 
 TINY = ["experiment=smoke", "data.seq_len=64", "ttt.chunk_size=16", "eval.samples=4"]  # CP=2: 16-token pieces
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

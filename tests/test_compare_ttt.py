@@ -1,4 +1,4 @@
-"""`tools.compare_ttt` trains methods side by side and, with --ppl-data, scores each run's held-out NLL by
+"""`tools.studies.compare_ttt` trains methods side by side and, with --ppl-data, scores each run's held-out NLL by
 position within and beyond attention's window; with --distance-edges it scores each run's held-out answers again
 in other distance buckets."""
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tools.compare_ttt import main
+from tools.studies.compare_ttt import main
 from trainer.data import build_dataset
 
 

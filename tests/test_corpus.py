@@ -239,7 +239,7 @@ def test_a_corpus_the_model_cannot_read_stops_ttt_train_with_one_line(corpora, t
 
 def test_prepare_train_and_resume_read_the_same_sequences(corpora, tokenizer_dir, tmp_path, monkeypatch):
     prepared, full, resumed = tmp_path / "prepared", tmp_path / "full", tmp_path / "resumed"
-    command = [sys.executable, "-m", "tools.prepare_data", str(corpora["root"] / "long.jsonl"), "--quiet"]
+    command = [sys.executable, "-m", "tools.commands.prepare_data", str(corpora["root"] / "long.jsonl"), "--quiet"]
     subprocess.run([*command, "--tokenizer", str(tokenizer_dir), "--output", str(prepared)], check=True, timeout=120)
     overrides = [*FAST, "data=corpus", f"data.sources=[{{path:{prepared},weight:1}}]",
                  f"model.config.vocab_size={VOCAB}", "logging.wandb.mode=disabled"]  # fmt: skip

@@ -14,7 +14,7 @@ from multiproc import run_ranks
 
 import parallel.attention as attention_module
 import parallel.state_scan as state_scan
-import trainer.ttt.fastweight as fastweight
+import trainer.ops.fastweight.chunk as torch_scan
 import trainer.ttt.mlp
 from parallel.comm import LEDGER
 from parallel.context_parallel import apply_cp
@@ -154,7 +154,7 @@ def _state_scan_overlaps_the_local_scan(rank, world_size):
     and its backward (adjoint scan): without the overlap the waits would time out."""
     local_forward, local_backward = threading.Event(), threading.Event()
     overlapped = []
-    chunk_scan, chunk_backward = trainer.ttt.mlp.chunk_scan, fastweight._ChunkScan.backward
+    chunk_scan, chunk_backward = trainer.ttt.mlp.chunk_scan, torch_scan._ChunkScan.backward
     forward_scan, adjoint_scan = state_scan._forward_scan, state_scan._adjoint_scan
 
     def entering(event, function):
@@ -174,7 +174,7 @@ def _state_scan_overlaps_the_local_scan(rank, world_size):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trainer.ttt.mlp, "chunk_scan", entering(local_forward, chunk_scan))
-        patch.setattr(fastweight._ChunkScan, "backward", staticmethod(entering(local_backward, chunk_backward)))
+        patch.setattr(torch_scan._ChunkScan, "backward", staticmethod(entering(local_backward, chunk_backward)))
         patch.setattr(state_scan, "_forward_scan", waiting_for(local_forward, forward_scan))
         patch.setattr(state_scan, "_adjoint_scan", waiting_for(local_backward, adjoint_scan))
         batch = make_batch([40, 24])
@@ -315,7 +315,7 @@ def test_bad_cp_degree(world_size, cp, seq_len, message):
 
 
 def test_load_balance_config():
-    from tools.plan_memory import compose_config
+    from trainer.compose import compose_config
     from trainer.config import ConfigError, job_config
 
     def job(*overrides):

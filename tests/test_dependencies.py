@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, requires
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tools.import_gguf import SMOLLM2_PACKAGE
+from tools.commands.import_gguf import SMOLLM2_PACKAGE
 
 PROJECT, EXTRAS = "ttt-longctx", ("dev",)
 

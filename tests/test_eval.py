@@ -1,4 +1,4 @@
-"""`python -m tools.eval` on tiny models: outputs and W&B logging, RULER scoring with oracle generations,
+"""`ttt-eval` on tiny models: outputs and W&B logging, RULER scoring with oracle generations,
 perplexity equal to the full forward's, checkpoints as input, one-line errors."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from test_train import compose_job
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 import trainer.evaluation.recall
-from tools.eval import main
+from tools.commands.eval import main
 from trainer.data.synthetic.tasks import SyntheticTask
 from trainer.evaluation.perplexity import bucket_edges, nll_by_position
 from trainer.evaluation.scoring import string_match_all, token_text
@@ -176,5 +176,5 @@ def test_bad_input_is_one_line_and_writes_nothing(hf_model, tmp_path, capsys, ar
         main([a.format(model=hf_model, tmp=tmp_path) for a in argv] + ["--wandb-mode", "disabled"])
     err = capsys.readouterr().err.split("\n")  # after transformers' weight loading bar, if the model loaded
     assert exit_info.value.code == 2
-    assert err[-2].startswith("eval: error: ") and message in err[-2] and err[-1] == ""
+    assert err[-2].startswith("ttt-eval: error: ") and message in err[-2] and err[-1] == ""
     assert (sorted(tmp_path.iterdir()), sorted(hf_model.iterdir())) == before

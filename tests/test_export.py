@@ -11,7 +11,8 @@ from conftest import VOCAB, randomize_ttt_parameters, tiny_llama
 from omegaconf import OmegaConf
 from test_train import compose_job
 
-from tools.export_hf import load_trained_model, main
+from tools.commands.export_hf import main
+from trainer.checkpoint.trained_model import load_trained_model
 from trainer.hf_format import load_ttt_model, save_ttt_model, ttt_config_fields, ttt_config_from_fields
 from trainer.loop import run
 from trainer.ttt import TTTConfig, patch_model
@@ -69,7 +70,7 @@ def test_bad_input_is_one_line_and_leaves_no_output(trained_run, tmp_path, capsy
         main([a.format(tmp=tmp_path, ckpt=checkpoint) for a in argv])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
-    assert err.startswith("export_hf: error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("ttt-export: error: ") and message in err and err.count("\n") == 1
     assert sorted(tmp_path.iterdir()) == before
 
 

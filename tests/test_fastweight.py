@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from trainer.ttt.fastweight import (
+from trainer.ops.fastweight import (
     chunk_scan,
     clip_delta,
     gated_mean,
@@ -14,7 +16,7 @@ from trainer.ttt.fastweight import (
     state_transfer,
     write_keys,
 )
-from trainer.ttt.layout import build_layout, document_position_ids
+from trainer.ops.fastweight.layout import build_layout, document_position_ids
 
 F64 = torch.float64
 
@@ -248,3 +250,28 @@ def test_scan_saves_no_per_chunk_weights():
 def test_document_ids_become_restarting_positions():
     ids = torch.tensor([[4, 4, 4, 9, 9, 2, 2, 2, 2]])
     assert document_position_ids(ids).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+
+
+def inconsistent_inputs() -> dict[str, tuple]:
+    """(z, v, layout, state, the error's words) of inputs that do not fit each other (B=2, S=12, h=5, d=3); the
+    Triton path is checked with the same ones under the interpreter (tests/test_scan_triton.py)."""
+    z, v = torch.randn(2, 12, 5), torch.randn(2, 12, 3)
+    layout = build_layout(torch.arange(12).expand(2, -1), 4)
+    state = (torch.randn(2, 3, 5), torch.randn(2, 3, 5))
+    return {
+        "a state of batch 1": (z, v, layout, (state[0][:1], state[1][:1]), "incoming committed state must be"),
+        "a state shaped (B, h, d)": (z, v, layout, (state[0].mT, state[1]), "must be (B, d, h) = (2, 3, 5)"),
+        "v shorter than z": (z, v[:, :9], layout, None, "must have z's batch and length (2, 12)"),
+        "a layout for a longer sequence": (
+            z, v, build_layout(torch.arange(20).expand(2, -1), 4), None, "the layout describes (2, 20) positions"
+        ),
+        "a layout for one row": (z, v, build_layout(torch.arange(12)[None], 4), None, "describes (1, 12) positions"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(inconsistent_inputs()))
+def test_inconsistent_inputs_are_one_clear_error(case):
+    z, v, layout, state, message = inconsistent_inputs()[case]
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        chunk_scan(z, v, layout, 1.0, None, state)
+    assert "\n" not in str(error.value)

@@ -1,4 +1,4 @@
-"""`python -m tools.gpu_check` without a GPU: its CPU checks pass, its measurements are skipped, and a broken
+"""`ttt-gpu-check` without a GPU: its CPU checks pass, its measurements are skipped, and a broken
 implementation fails its check and the command."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import tools.gpu_check as gpu_check
+import tools.gpu.check as gpu_check
+from trainer.compose import one_process_job
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_without_a_gpu_it_runs_the_cpu_checks_and_skips_the_measurements(tmp_path):
     out = tmp_path / "report.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, even on a machine with a GPU
-    command = [sys.executable, "-m", "tools.gpu_check", "--out", str(out)]
+    command = [sys.executable, "-m", "tools.gpu.check", "--out", str(out)]
     run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert gpu_check.NO_GPU_LINE in run.stdout.splitlines()
@@ -103,12 +104,12 @@ def test_the_measurements_run_end_to_end_on_cpu_with_a_tiny_model(monkeypatch):
 
 
 def test_each_measured_step_gets_the_step_time_models_prediction_beside_it(monkeypatch):
-    """The row gpu_check prints after each measured step: tools.plan_time's prediction for this GPU kind, passing
+    """The row ttt-gpu-check prints after each measured step: the step-time model's prediction for this GPU, passing
     within 15% and failing beyond."""
-    from tools.plan_time import builtin_rates, predict_step
+    from trainer.planning.step_time import builtin_rates, predict_step
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H200")
-    job = gpu_check.training_job("qwen3-0.6b", "ntp", 32768)
+    job = one_process_job("qwen3-0.6b", "ntp", 32768)
     predicted = predict_step(job, 4, builtin_rates("h200")).step_s
     close = gpu_check._predicted_row("step-time model", job, 4, predicted / 1.1)
     assert close.status == "pass" and abs(close.value - 0.1) < 1e-9 and close.data["predicted_s"] == predicted

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-import tools.hf_baseline as hf_baseline
+import tools.bench.hf_baseline as hf_baseline
 
 CPU = torch.device("cpu")
 SMALL = ["model.config.num_hidden_layers=2"]  # conf/model/tiny.yaml, halved: the test times real steps

@@ -1,12 +1,12 @@
-"""`tools.key_similarity` on the tiny model: the write and query positions it finds, and its statistics against a
+"""`tools.studies.key_similarity` on the tiny model: the write and query positions it finds, its statistics against a
 direct computation from the model's MLP activations."""
 
 from __future__ import annotations
 
 import torch
 
-from tools.key_similarity import _keys_of, _occurrences, main, measure
-from tools.plan_memory import compose_config
+from tools.studies.key_similarity import _keys_of, _occurrences, main, measure
+from trainer.compose import compose_config
 from trainer.config import job_config
 from trainer.data import build_dataset
 from trainer.model import build_model

@@ -1,4 +1,4 @@
-"""`tools.lm_study`: the from-scratch study's grid runs end to end on a tiny model (two steps per arm), its report
+"""`tools.studies.lm_study`: the from-scratch grid runs end to end on a tiny model (two steps per arm), its report
 and scores read what the runs wrote, and a second call finds every run done."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from tools.lm_study import DEFAULT_ARMS, main, region_means, run_grid
+from tools.studies.lm_study import DEFAULT_ARMS, main, region_means, run_grid
 
 TINY = [
     "train.steps=2", "data.seq_len=128", "data.batch_size=1", "model.config.hidden_size=32",
@@ -58,7 +58,7 @@ def test_regions_are_token_weighted_means_of_their_buckets():
 
 def test_bad_arguments_are_one_line(tmp_path, capsys):
     for argv, message in (
-        (["run", "--out", str(tmp_path), "--arms", "none,bogus"], "expected arms from"),
+        (["run", "--out", str(tmp_path), "--arms", "none,bogus"], "expected names from none, global"),
         (["score", str(tmp_path), "--data", "x.jsonl", "--tokenizer", str(tmp_path)], "neither a checkpoint"),
     ):
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.kernels.loss import IGNORE_INDEX, linear_cross_entropy, naive_linear_cross_entropy
+from trainer.ops.loss import IGNORE_INDEX, linear_cross_entropy, naive_linear_cross_entropy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def test_fp64_cuda_tensors_stay_on_the_torch_path(liger_calls):
 
 def test_cpu_tensors_never_import_liger():
     code = (
-        "import sys, torch; from trainer.kernels.loss import linear_cross_entropy as f; "
+        "import sys, torch; from trainer.ops.loss import linear_cross_entropy as f; "
         "f(torch.randn(5, 3, requires_grad=True), torch.randn(4, 3), torch.tensor([0, 1, 2, 3, -100])).backward(); "
         "assert not any(name.startswith(('liger_kernel', 'triton')) for name in sys.modules), 'imported'"
     )

@@ -8,7 +8,7 @@ as a script), and each test here reports its case's outcome from that run.
 liger splits the N tokens into chunks of next_power_of_2(ceil(N / ceil(V / d))) rows, and the sizes below leave a
 partial last chunk. Its kernel walks the vocabulary in blocks of min(32768, next_power_of_2(V)); a vocabulary wider
 than one block takes the interpreter ~10 s per token row, so that loop is checked on the GPU only (the accuracy rows
-of `python -m tools.bench_loss`, vocabulary 40003).
+of `python -m tools.bench.loss`, vocabulary 40003).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def _check_case(
 ) -> None:
     """tol: bound on the relative error ||got - want|| / ||want|| of the loss and gradients, instead of TIGHT."""
     from parallel.sharding import IGNORE_INDEX
-    from trainer.kernels.loss import _liger_linear_cross_entropy, naive_linear_cross_entropy
+    from trainer.ops.loss import _liger_linear_cross_entropy, naive_linear_cross_entropy
 
     torch.manual_seed(0)
     hidden = torch.randn(n, d).to(dtype).requires_grad_(hidden_grad)

@@ -1,6 +1,6 @@
 """The shipped model configs build the published architectures: parameter counts on the meta device.
 
-Counts come from `tools.plan_memory` (the planner's `base_params`), so the acceptance check "the
+Counts come from `trainer.planning.memory` (the planner's `base_params`), so the acceptance check "the
 planner's base_params matches the published count within 0.5%" is this test.
 """
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tools.plan_memory import compose_config, meta_model, model_facts
+from trainer.compose import CONF_DIR, compose_config
 from trainer.config import job_config
-from trainer.train import CONF_DIR
+from trainer.planning.memory import meta_model, model_facts
 
 TOLERANCE = 0.005
 LONG_CONTEXT = 262144  # every released model is configured for 256k positions

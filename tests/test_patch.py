@@ -7,8 +7,8 @@ import torch
 from conftest import MODEL_BUILDERS, VOCAB, randomize_ttt_parameters, tiny_qwen3
 from transformers import PhiConfig, PhiForCausalLM
 
+from trainer.ops.fastweight import naive_fastweight, naive_normalized_fastweight
 from trainer.ttt import TTTConfig, patch_model
-from trainer.ttt.fastweight import naive_fastweight, naive_normalized_fastweight
 from trainer.ttt.mlp import FastWeightMLP
 from trainer.ttt.targets import naive_value_targets
 

@@ -19,13 +19,18 @@ from multiproc import run_ranks
 
 from parallel.context_parallel import apply_cp
 from parallel.sharding import shard_batch
-from tools.benchutil import peak_bytes
-from tools.plan_memory import (
+from tools.commands.plan import main
+from tools.measure import peak_bytes
+from trainer.compose import compose_config
+from trainer.config import job_config
+from trainer.data import SequenceLoader, build_dataset
+from trainer.loop import setup_ranks, train_step
+from trainer.model import CausalLMLoss, build_model, enable_activation_checkpointing
+from trainer.optim import build_optimizer
+from trainer.planning.memory import (
     GIB,
     SHARDED,
     activations_of,
-    compose_config,
-    main,
     meta_model,
     model_facts,
     plan,
@@ -33,11 +38,6 @@ from tools.plan_memory import (
     smallest_fitting_cp,
     state_bytes,
 )
-from trainer.config import job_config
-from trainer.data import SequenceLoader, build_dataset
-from trainer.loop import setup_ranks, train_step
-from trainer.model import CausalLMLoss, build_model, enable_activation_checkpointing
-from trainer.optim import build_optimizer
 from trainer.ttt.patch import decoder_of
 
 TOLERANCE = 0.05  # measured: +0.1% (tiny), +0.5% (small), +0.7% (small, checkpointed), +0.8% (every 2nd)
@@ -225,7 +225,7 @@ def test_engines_shard_what_they_promise():
 
 
 def test_command_line_ends_with_the_machine_readable_line(capsys):
-    main(["model=qwen3-8b", "data.seq_len=131072", "parallel.cp=8", "--gpus", "64", "--gpu-memory-gb", "80"])
+    main(["memory", "model=qwen3-8b", "data.seq_len=131072", "parallel.cp=8", "--gpus", "64", "--gpu-memory-gb", "80"])
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"base_params=8190735360 ttt_params=151031817 per_gpu_bytes=[1-9]\d*", lines[-1])
     assert any(line.startswith("| activations |") for line in lines)
@@ -244,7 +244,7 @@ def test_command_line_ends_with_the_machine_readable_line(capsys):
 )
 def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
-        main(argv)
+        main(["memory", *argv])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and message in err, err
 

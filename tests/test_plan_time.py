@@ -1,4 +1,4 @@
-"""The step-time model (`tools.plan_time`): its units, its rates, its command line, and the bytes each collective
+"""The step-time model (trainer/planning/step_time.py): its units, rates, command line, and the bytes each collective
 moves against what real training steps send on gloo, byte for byte."""
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ from multiproc import run_ranks
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from parallel.comm import LEDGER
-from tools.bench_cp import TINY, TINY_ACTIVATION_BYTES, TINY_WRITE, modelled_bytes
-from tools.gpu_check import model_flops, training_job
-from tools.hardware import Links
-from tools.plan_memory import compose_config, meta_model, model_facts, setup_of
-from tools.plan_time import (
+from tools.bench.cp import TINY, TINY_ACTIVATION_BYTES, TINY_WRITE, modelled_bytes
+from tools.commands.plan import main
+from trainer.compose import compose_config, one_process_job
+from trainer.config import job_config
+from trainer.loop import build_training, setup_ranks, train_step
+from trainer.planning.hardware import Links
+from trainer.planning.memory import meta_model, model_facts, setup_of
+from trainer.planning.step_time import (
     PURPOSES,
     PlanTimeError,
     Transfer,
@@ -32,15 +35,13 @@ from tools.plan_time import (
     fastest_split,
     kernel_class,
     layer_work,
-    main,
+    model_flops,
     predict,
     predict_step,
     rates_at_41c0d84,
     rates_from_gpu_check,
     transfer_seconds,
 )
-from trainer.config import job_config
-from trainer.loop import build_training, setup_ranks, train_step
 
 GIB = 2**30
 
@@ -69,7 +70,7 @@ def test_flops_of_a_known_config():
     assert attended_pairs(facts, setup) == pairs
     assert plain.attention == (4 * 16 * 128 * pairs, 2.5 * 4 * 16 * 128 * pairs)
     assert plain.scan == (0, 0) and ttt.scan == (2 * 2 * s * d * h, 5 * 2 * s * d * h)  # 7 products in all
-    # MFU counts what tools.gpu_check counts
+    # MFU counts what tools.gpu.check counts
     p = predict(facts, setup, builtin_rates("h200"))
     assert p.model_flops == model_flops(facts.params, 28, 16 * 128, s)
     assert p.mfu == pytest.approx(p.model_flops / p.step_s / 989e12)
@@ -106,7 +107,7 @@ def test_fsdp2_bytes_of_a_known_collective():
 
 
 def test_cp_bytes_equal_bench_cps_formulas_on_contiguous_shards():
-    """tools.bench_cp's closed forms (contiguous shards, its normalized write with the gate-mass scan) against the
+    """tools.bench.cp's closed forms (contiguous shards, its normalized write with the gate-mass scan) against the
     transfers."""
     overrides = [
         "model=tiny", "ttt=ntp", f"ttt.write={TINY_WRITE}", "ttt.layers=every:2", "ttt.chunk_size=64",
@@ -178,14 +179,14 @@ MEASURED_H200 = [  # docs/gpu.md, the last GPU table (main at 41c0d84, eager, to
 
 @pytest.mark.parametrize("model, ttt, seq_len, every, seconds", MEASURED_H200)
 def test_compute_side_predicts_every_measured_h200_step_within_15_percent(model, ttt, seq_len, every, seconds):
-    job = training_job(model, ttt, seq_len, "false")
+    job = one_process_job(model, ttt, seq_len, "false")
     job = replace(job, train=replace(job.train, compile=False))  # that code ran eager
     predicted = predict_step(job, every, rates_at_41c0d84()).step_s
     assert abs(predicted - seconds) <= 0.15 * seconds, (predicted, seconds)
 
 
 def test_predict_step_is_what_gpu_check_calls():
-    job = training_job("qwen3-0.6b", "ntp", 32768)
+    job = one_process_job("qwen3-0.6b", "ntp", 32768)
     p = predict_step(job, 4)
     assert p.setup.gpus == 1 and p.setup.checkpointing and p.setup.checkpoint_every == 4 and p.setup.compiled
     assert p.parts["loss head"] > 0 and p.parts["fast-weight scan"] > 0 and 0 < p.mfu < 1
@@ -197,7 +198,7 @@ def test_predict_step_is_what_gpu_check_calls():
 
 def _report(tmp_path, rates, device="NVIDIA H200"):
     """A gpu_check report of one profiled step whose kernel times are what `rates` predict, by class."""
-    job = training_job("qwen3-0.6b", "ntp", 32768)
+    job = one_process_job("qwen3-0.6b", "ntp", 32768)
     p = predict_step(job, 4, rates)
     kernels = [
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", p.parts["attention"] * 0.25),
@@ -223,7 +224,7 @@ def test_rates_read_from_a_gpu_check_report(tmp_path):
     assert read.matmul == pytest.approx(builtin.matmul) and read.loss == pytest.approx(builtin.loss)
     assert read.scan == pytest.approx(builtin.scan) and read.memory == pytest.approx(builtin.memory)
     # the attention split above is not flash's 1 : 2.5, so the two rates come back scaled, the total kept
-    job = training_job("qwen3-0.6b", "ntp", 32768)
+    job = one_process_job("qwen3-0.6b", "ntp", 32768)
     assert predict_step(job, 4, read).step_s == pytest.approx(p.step_s)
     assert str(path) in read.source("matmul")
 
@@ -240,7 +241,7 @@ def test_kernel_names_map_to_their_class():
 
 
 def test_command_line_ends_with_the_machine_readable_line(capsys):
-    main(["model=qwen3-8b", "data.seq_len=131072", "parallel.cp=8", "--gpus", "64", "--gpu", "h200"])
+    main(["time", "model=qwen3-8b", "data.seq_len=131072", "parallel.cp=8", "--gpus", "64", "--gpu", "h200"])
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"step_s=\d+\.\d+ tokens_per_s_per_gpu=\d+\.\d mfu=0\.\d+ bottleneck=\w+", lines[-1])
     assert any(line.startswith("| attention |") for line in lines)
@@ -270,7 +271,7 @@ def test_fastest_split_fits_with_autos_margin_and_beats_the_others():
 )
 def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
-        main(argv)
+        main(["time", *argv])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and message in err, err
 
@@ -278,10 +279,10 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):
 def test_a_json_that_is_no_gpu_check_report_is_one_line(tmp_path, capsys):
     path = tmp_path / "other.json"
     path.write_text("[1, 2]")
-    with pytest.raises(PlanTimeError, match="not a tools.gpu_check report"):
+    with pytest.raises(PlanTimeError, match="not a ttt-gpu-check report"):
         rates_from_gpu_check(path)
     with pytest.raises(SystemExit):
-        main(["--rates", str(path)])
+        main(["time", "--rates", str(path)])
     assert capsys.readouterr().err.count("\n") == 1
 
 

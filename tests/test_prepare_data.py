@@ -1,4 +1,4 @@
-"""tools.prepare_data: every input kind round-trips to the tokenizer's ids, the output does not depend on
+"""tools.commands.prepare_data: every input kind round-trips to the tokenizer's ids, the output does not depend on
 the worker count, re-runs keep finished shards, and bad inputs end in one line with no partial files."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import trainer.data.prepare
-from tools.prepare_data import main
+from tools.commands.prepare_data import main
 from tools.textdata import make_documents
 from trainer.data.errors import DataError
 from trainer.data.prepare import prepare
@@ -206,7 +206,7 @@ def test_bad_arguments_end_in_one_line(tmp_path, tokenizer_dir, capsys, argv, me
 
 def test_the_command_line_prints_a_summary(tmp_path, tokenizer_dir):
     doc = write_inputs(tmp_path / "in", "jsonl", DOCS[:10])
-    command = [sys.executable, "-m", "tools.prepare_data", str(doc), "--tokenizer", str(tokenizer_dir)]
+    command = [sys.executable, "-m", "tools.commands.prepare_data", str(doc), "--tokenizer", str(tokenizer_dir)]
     result = subprocess.run(
         [*command, "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},

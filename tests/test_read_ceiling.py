@@ -1,4 +1,4 @@
-"""`tools.read_ceiling` on the tiny model: the oracle gate opens exactly on the pass key's writes, a zero target
+"""`tools.studies.read_ceiling` on the tiny model: the oracle gate opens exactly on the pass key's writes, a zero target
 leaves the base model's answers as they were, and a scaled one changes them."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import re
 
 import torch
 
-from tools.plan_memory import compose_config
-from tools.read_ceiling import main, measure, pass_key_writes
+from tools.studies.read_ceiling import main, measure, pass_key_writes
+from trainer.compose import compose_config
 from trainer.config import job_config
 from trainer.data import build_dataset
 from trainer.model import build_model

@@ -7,7 +7,7 @@ import math
 
 from test_train import cli, metrics, wandb_history_file
 
-from tools.recall_ablation import collect, markdown, summarize
+from tools.studies.recall_ablation import collect, markdown, summarize
 
 SHORT = ["train.steps=4", "eval.every=4", "eval.samples=4"]
 

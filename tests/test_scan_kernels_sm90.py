@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 def reports():
     import triton
 
-    from tools.scan_kernels_sm90 import _kernels, compile_report
+    from tools.gpu.scan_kernels_sm90 import _kernels, compile_report
 
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
         pytest.skip("this triton build ships no CUDA toolchain")

@@ -1,4 +1,4 @@
-"""The Triton chunk scan (trainer/kernels/scan_triton.py) equals the fp64 references, values and gradients.
+"""The Triton chunk scan (trainer/ops/fastweight/chunk_triton.py) equals the fp64 references, values and gradients.
 
 The kernels run under the Triton interpreter on CPU tensors, where `chunk_scan` takes them as it does CUDA
 tensors. Triton reads TRITON_INTERPRET when it is imported, so every case runs in one child process started
@@ -12,6 +12,7 @@ launched with.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -67,8 +68,8 @@ def _assert_close(got, want, inputs, want_inputs, tol):
 
 
 def check_packed(rows: tuple[tuple[int, ...], ...], chunk: int, h: int = 20, d: int = 18, tol: float = 1e-6):
-    from trainer.ttt.fastweight import chunk_scan, naive_fastweight
-    from trainer.ttt.layout import build_layout
+    from trainer.ops.fastweight import chunk_scan, naive_fastweight
+    from trainer.ops.fastweight.layout import build_layout
 
     pos = _positions(*rows)
     (z, v), (z64, v64) = _leaves((pos.shape[0], pos.shape[1], h), (pos.shape[0], pos.shape[1], d))
@@ -80,8 +81,8 @@ def check_pieces(lengths: tuple[int, ...], chunk: int, cut: int, h: int = 21, d:
     """A sequence cut into two pieces mid-chunk, the second continuing from the first's (committed, pending)
     state, as context parallelism runs it: together they equal the whole sequence's prefix-sum reference, and
     the gradients flow back through the passed state."""
-    from trainer.ttt.fastweight import chunk_scan, naive_fastweight
-    from trainer.ttt.layout import build_layout
+    from trainer.ops.fastweight import chunk_scan, naive_fastweight
+    from trainer.ops.fastweight.layout import build_layout
 
     pos = _positions(lengths)
     (z, v), (z64, v64) = _leaves((1, pos.shape[1], h), (1, pos.shape[1], d))
@@ -96,8 +97,8 @@ def check_pieces(lengths: tuple[int, ...], chunk: int, cut: int, h: int = 21, d:
 def check_normalized(lengths: tuple[int, ...], chunk: int):
     """The normalized write as the MLP runs it (unit keys, gated values through the kernels, the gate mass by
     `chunk_sum`) against its token-pair reference."""
-    from trainer.ttt.fastweight import chunk_scan, chunk_sum, gated_mean, naive_normalized_fastweight, write_keys
-    from trainer.ttt.layout import build_layout
+    from trainer.ops.fastweight import chunk_scan, chunk_sum, gated_mean, naive_normalized_fastweight, write_keys
+    from trainer.ops.fastweight.layout import build_layout
 
     pos = _positions(lengths, lengths[::-1])
     (z, v, logits), (z64, v64, logits64) = _leaves((2, pos.shape[1], 20), (2, pos.shape[1], 18), (2, pos.shape[1], 1))
@@ -111,8 +112,8 @@ def check_normalized(lengths: tuple[int, ...], chunk: int):
 
 def check_half_precision_autocast():
     """Under autocast the operands are the autocast dtype (fp16 here, see the module docstring)."""
-    from trainer.ttt.fastweight import chunk_scan, naive_fastweight
-    from trainer.ttt.layout import build_layout
+    from trainer.ops.fastweight import chunk_scan, naive_fastweight
+    from trainer.ops.fastweight.layout import build_layout
 
     pos = _positions((45, 30))
     (z, v), (z64, v64) = _leaves((1, 75, 40), (1, 75, 36))
@@ -142,7 +143,7 @@ def _kernel_launches(chunks: int, run: bool = True, autocast_dtype=None) -> dict
     from transformers import Qwen3Config
     from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
 
-    import trainer.kernels.scan_triton as kernels
+    import trainer.ops.fastweight.chunk_triton as kernels
     from trainer.ttt import TTTConfig
     from trainer.ttt.context import TTTContext
     from trainer.ttt.mlp import FastWeightMLP
@@ -179,7 +180,7 @@ def check_bf16_autocast_operands():
 def check_model_equals_torch_path():
     """A whole tiny model with TTT layers, packed documents: loss and every gradient on the kernels equal the
     torch loop's."""
-    import trainer.ttt.fastweight as fastweight
+    import trainer.ops.fastweight as fastweight
     from tests.conftest import randomize_ttt_parameters, tiny_qwen3
     from trainer.ttt import TTTConfig, patch_model
 
@@ -207,6 +208,30 @@ def check_model_equals_torch_path():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def check_inconsistent_inputs_fail_before_any_launch():
+    """What a user could pass that the kernels would index past (a state of another batch, a transposed state, a
+    short v, a layout of another length): one ValueError each, from the kernels' own entry point and from
+    `chunk_scan`, and no kernel launched."""
+    import trainer.ops.fastweight.chunk_triton as kernels
+    from tests.test_fastweight import inconsistent_inputs
+    from trainer.ops.fastweight import chunk_scan
+
+    launches = _Launches(kernels._walk_kernel, run=False)
+    original, kernels._walk_kernel = kernels._walk_kernel, launches
+    try:
+        for name, (z, v, layout, state, message) in inconsistent_inputs().items():
+            for scan in (kernels.triton_chunk_scan, functools.partial(chunk_scan, clip=None)):
+                try:
+                    scan(z, v, layout, 1.0, state=state)
+                except ValueError as err:
+                    assert message in str(err) and "\n" not in str(err), f"{name}: {err}"
+                else:
+                    raise AssertionError(f"{name}: accepted")
+    finally:
+        kernels._walk_kernel = original
+    assert launches.count == 0, launches.count
+
+
 CASES = {
     "one document": lambda: check_packed(((37,),), 5),
     "packed documents, chunks of 4": lambda: check_packed(((7, 12, 13),), 4),
@@ -221,6 +246,7 @@ CASES = {
     "launches do not grow with the chunks": check_launches_do_not_grow_with_chunks,
     "bf16 operands under autocast": check_bf16_autocast_operands,
     "a model on the kernels equals the torch loop": check_model_equals_torch_path,
+    "inconsistent inputs fail before any launch": check_inconsistent_inputs_fail_before_any_launch,
 }
 SMALL_BLOCK_CASES = set(CASES) - {"default blocks"}
 
@@ -231,7 +257,7 @@ def test_triton_scan(interpreted, case):
 
 
 def _run_all() -> dict[str, str]:
-    import trainer.kernels.scan_triton as kernels
+    import trainer.ops.fastweight.chunk_triton as kernels
 
     defaults = kernels.FORWARD_BLOCKS, kernels.READ_GRAD_BLOCKS, kernels.REVERSE_BLOCKS
     outcomes = {}

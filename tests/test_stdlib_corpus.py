@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tools.stdlib_corpus import build, split_of
+from tools.commands.stdlib_corpus import build, split_of
 
 
 def _names(path) -> list[str]:
@@ -38,7 +38,7 @@ def test_the_split_of_a_name_never_changes():
 
 
 def test_a_split_prepares_into_token_shards(tmp_path, tokenizer_dir):
-    from tools.prepare_data import main as prepare_data
+    from tools.commands.prepare_data import main as prepare_data
 
     built = build(tmp_path / "corpus", heldout_percent=10, min_chars=40000)
     prepare_data([str(tmp_path / "corpus" / "heldout.jsonl"), "--tokenizer", str(tokenizer_dir),

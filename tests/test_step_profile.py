@@ -1,4 +1,4 @@
-"""`tools.step_profile` on CPU: a real profile of a tiny step, and the CUDA summary from stand-in profiler events
+"""`tools.gpu.step_profile` on CPU: a real profile of a tiny step, and the CUDA summary from stand-in profiler events
 (kernels, a copy, a device-side annotation, the device time under its pre-2.4 name)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.autograd import DeviceType
 
-import tools.step_profile as step_profile
+import tools.gpu.step_profile as step_profile
 
 KEYS = {"device", "wall_ms", "device_time_ms", "launches", "kernels", "cpu_time_ms", "cpu_ops"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.ttt.layout import build_layout
+from trainer.ops.fastweight.layout import build_layout
 from trainer.ttt.targets import naive_value_targets, segment_conv, value_targets
 
 F64 = torch.float64

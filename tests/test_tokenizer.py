@@ -1,4 +1,4 @@
-"""`tools.train_tokenizer`: a byte-level BPE trained locally, the same bytes for the same documents, kept on a rerun."""
+"""`ttt-train-tokenizer`: a byte-level BPE trained locally, the same bytes for the same documents, kept on a rerun."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
+from tools.commands.train_tokenizer import main, train_tokenizer
 from tools.textdata import make_documents
-from tools.train_tokenizer import main, train_tokenizer
 from trainer.data.errors import DataError
 
 
@@ -24,7 +24,7 @@ def documents(tmp_path):
 
 def test_trained_twice_it_is_the_same_tokenizer_whatever_the_threads(tmp_path, documents):
     first = train_tokenizer([str(documents)], 400, tmp_path / "a")
-    command = [sys.executable, "-m", "tools.train_tokenizer", str(documents), "--vocab-size", "400",
+    command = [sys.executable, "-m", "tools.commands.train_tokenizer", str(documents), "--vocab-size", "400",
                "--out", str(tmp_path / "b")]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, env={**os.environ, "RAYON_NUM_THREADS": "1"})
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()

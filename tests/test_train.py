@@ -12,17 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import trainer.checkpoint
 import trainer.loop
 import trainer.model
 import trainer.optim
 from trainer.checkpoint import complete_checkpoints, load_checkpoint
-from trainer.config import ConfigError, job_config
+from trainer.compose import job_of
+from trainer.config import ConfigError
 from trainer.integrity import file_sha256
 from trainer.loop import NonFiniteLossError, run
-from trainer.train import CONF_DIR
 
 FAST = ["experiment=smoke", "parallel=single"]
 
@@ -47,8 +46,7 @@ def wandb_history_file(run_dir: Path) -> Path:
 
 
 def compose_job(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return job_config(compose(config_name="config", overrides=list(overrides)))
+    return job_of(list(overrides))
 
 
 def test_two_point_sweep_with_offline_wandb(tmp_path):
@@ -159,7 +157,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     "override,message",
     [
         ("train.steps=0", "train.steps must be an integer >= 1, got 0"),
-        ("ttt.method=lora", "ttt.method must be one of none, inplace, ntp, recon, got 'lora'"),
+        ("ttt.method=lora", "ttt.method must be one of none, inplace, ntp, recon, nomem, got 'lora'"),
         ("data.seq_len=100", "data.seq_len must be a multiple of parallel.cp x ttt.chunk_size = 32, got 100"),
         ("parallel.cp=3 data.seq_len=192", "parallel.cp=3 does not divide parallel.nproc_per_node=1"),
         ("optim.lr=-1", "optim.lr must be a positive number, got -1"),

@@ -2,7 +2,7 @@
 # Every GPU measurement of the project in one go, sized for a short lease on one GPU (about 10 minutes):
 #   bash tools/gpu_session.sh [OUT_DIR]          # logs and JSON reports land in OUT_DIR (default: gpu_session)
 # A compile smoke test first (the tiny model's compiled training step; if it fails, everything after runs eager,
-# TORCHDYNAMO_DISABLE=1, and the log says so), then the scan and loss benchmarks, then tools.gpu_check with the
+# TORCHDYNAMO_DISABLE=1, and the log says so), then the scan and loss benchmarks, then ttt-gpu-check (tools.gpu.check) with the
 # time that is left. Wheels in .whl/ (for a machine that cannot reach a package index) are installed first.
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -20,9 +20,10 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,no
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
 timeout 150 python3 - <<'PY' 2>&1 | tail -5 | tee "$out/smoke.log"
 import torch
-from tools.gpu_check import build_training_step, training_job
+from tools.gpu.check import build_training_step
+from trainer.compose import one_process_job
 from trainer.loop import setup_ranks
-step, training = build_training_step(training_job("tiny", "ntp", 2048), setup_ranks(1))
+step, training = build_training_step(one_process_job("tiny", "ntp", 2048), setup_ranks(1))
 for _ in range(3):
     step(2048)
 torch.cuda.synchronize()
@@ -30,10 +31,10 @@ print("compile smoke test passed")
 PY
 grep -q "compile smoke test passed" "$out/smoke.log" || { export TORCHDYNAMO_DISABLE=1; echo "compile smoke test failed: eager from here" | tee -a "$out/smoke.log"; }
 echo "smoke: $(elapsed) s"
-timeout 110 python3 -m tools.bench_scan --out "$out/bench_scan.json" 2>&1 | tee "$out/bench_scan.log"
+timeout 110 python3 -m tools.bench.scan --out "$out/bench_scan.json" 2>&1 | tee "$out/bench_scan.log"
 echo "bench_scan: $(elapsed) s"
-timeout 75 python3 -m tools.bench_loss --repeats 3 --out "$out/bench_loss.json" 2>&1 | tee "$out/bench_loss.log"
+timeout 75 python3 -m tools.bench.loss --repeats 3 --out "$out/bench_loss.json" 2>&1 | tee "$out/bench_loss.log"
 echo "bench_loss: $(elapsed) s"
 left=$(( budget - $(elapsed) ))
-timeout "$left" python3 -m tools.gpu_check --budget-s $(( left - 25 )) --out "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.log"
+timeout "$left" python3 -m tools.gpu.check --budget-s $(( left - 25 )) --out "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.log"
 echo "total: $(elapsed) s"

@@ -86,7 +86,7 @@ class TrainConfig:
     steps: int
     grad_accum: int
     grad_clip: float | None
-    activation_checkpointing: bool | None  # None: auto, the cheapest that fits the GPU (`tools.plan_memory`)
+    activation_checkpointing: bool | None  # None: auto, the cheapest that fits the GPU (`trainer.planning.memory`)
     checkpoint_every_n_layers: int  # selective activation checkpointing: recompute every n-th layer
     max_nonfinite_steps: int
     progress: bool
@@ -135,6 +135,13 @@ class JobConfig:
     eval: EvalConfig
     objective: str  # what the Hydra app returns to a sweeper: a key of OBJECTIVES
     raw: dict[str, Any] = field(repr=False, compare=False)  # the resolved tree, for logging
+    search: dict[str, Any] | None = None  # the trial of a search this job runs (trainer/search.py); None outside one
+
+    def logged(self) -> dict[str, Any]:
+        """What W&B records of the job: the resolved tree, with the checkpoint it resumes from (the verified one,
+        not "auto") and the search trial it runs."""
+        tree = {**self.raw, "checkpoint": {**self.raw.get("checkpoint", {}), "resume": self.checkpoint.resume}}
+        return tree if self.search is None else {**tree, "search": self.search}
 
 
 def _require(condition: bool, key: str, expected: str, value: Any) -> None:

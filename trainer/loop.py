@@ -28,6 +28,7 @@ from trainer.faults import PreemptionFlag
 from trainer.materialize import Materializer, load_pretrained
 from trainer.model import CausalLMLoss, build_meta_model, enable_activation_checkpointing, freeze_base, master_dtype
 from trainer.optim import build_optimizer, set_lr
+from trainer.planning.memory import auto_checkpoint_every
 from trainer.search import SearchTrial
 from trainer.tracking import MetricsFile, WandbRun, write_json_atomically
 from trainer.ttt.mlp import FastWeightMLP
@@ -160,8 +161,6 @@ def checkpointing_of(job: JobConfig, model: torch.nn.Module, ranks: Ranks) -> in
     if job.train.activation_checkpointing is None:
         if ranks.device.type != "cuda":
             return None
-        from tools.plan_memory import auto_checkpoint_every  # late: the planner composes configs with Hydra
-
         return auto_checkpoint_every(job, model, ranks.world)
     return job.train.checkpoint_every_n_layers if job.train.activation_checkpointing else None
 
@@ -231,7 +230,7 @@ def run(
     trial = SearchTrial.of(job, lead)  # the trial of a search this job runs (trainer/search.py); inert otherwise
     metrics = MetricsFile(run_dir / "metrics.jsonl", start) if lead else None
     wandb_cfg = replace(job.wandb, group=wandb_group or job.wandb.group)
-    wandb = WandbRun(wandb_cfg, run_dir, job.raw, wandb_id, run_dir.name) if lead else None
+    wandb = WandbRun(wandb_cfg, run_dir, job.logged(), wandb_id, run_dir.name) if lead else None
     if preemption is None:
         preemption = PreemptionFlag()
     tokens_per_step = job.data.seq_len * job.data.batch_size * ranks.dp_size * job.train.grad_accum

@@ -9,9 +9,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from trainer.config import ModelConfig
-from trainer.kernels.loss import linear_cross_entropy
 from trainer.materialize import Materializer, load_pretrained
 from trainer.model_folder import read_model_config
+from trainer.ops.loss import linear_cross_entropy
 from trainer.ttt import TTTConfig, patch_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}

@@ -21,10 +21,10 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from trainer.checkpoint import deepspeed_foreign_objects, read_meta, verified_resume
+from trainer.checkpoint.dcp_reader import read_index
 from trainer.config import ConfigError, JobConfig
 from trainer.data import build_dataset, sizes_only, stream_identity
 from trainer.data.shards import verify_prepared
-from trainer.dcp_reader import read_index
 from trainer.model import build_meta_model
 from trainer.model_folder import stored_shapes, weights_mismatch
 

@@ -3,7 +3,7 @@ one trial reports its objective as it trains, stops when the study's pruner says
 
 The sweeper asks the study for a trial and launches one ttt-train job for it, with `hydra.sweeper.trial=<number>`
 and `hydra.sweeper.storage=<the study's storage>` among the job's overrides. The job (trainer/train.py) hands
-`trial_spec` of its Hydra config to its ranks in the config tree, under `search` (W&B records it with the
+`trial_spec` of its Hydra config to its ranks as `JobConfig.search` (W&B records it with the
 trial's parameters); the training loop finds it through `SearchTrial.of(job)`. Only rank 0 opens the storage,
 and every rank learns its decision, so all stop at the same step. Outside a search every call here does nothing.
 
@@ -96,7 +96,7 @@ class SearchTrial:
 
     @classmethod
     def of(cls, job, lead: bool) -> SearchTrial:
-        return cls(job.raw.get("search"), OBJECTIVES[job.objective], job.train.steps, lead)
+        return cls(job.search, OBJECTIVES[job.objective], job.train.steps, lead)
 
     def prunes(self, step: int, record: dict | None, device: torch.device) -> bool:
         """After optimizer step `step`, with rank 0's metrics record: report the objective when it is due (the loss

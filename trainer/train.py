@@ -27,12 +27,13 @@ import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from trainer.cluster import default_resume, join_job_ranks, leave_preempted, preemption_signals
-from trainer.config import OBJECTIVES, ConfigError, job_config
+from trainer.compose import CONF_DIR
+from trainer.config import OBJECTIVES, ConfigError, JobConfig, job_config
 from trainer.faults import PreemptionFlag
 from trainer.search import check_direction, finish_trial, trial_spec
 from trainer.tracking import last_recorded
@@ -74,11 +75,11 @@ def _start_ranks(job, run_dir: str) -> str:
     return shared[0]
 
 
-def worker(tree: dict, run_dir: str, wandb_group: str | None) -> None:
-    """One training process (rank); also the entry point of self-launched workers."""
+def worker(job: JobConfig, run_dir: str, wandb_group: str | None) -> None:
+    """One training process (rank); also the entry point of self-launched workers, which receive the validated
+    job as it is (pickled by the launcher)."""
     from trainer.loop import run  # after the process group exists in spawned workers
 
-    job = job_config(tree)
     if _multi_process() and not dist.is_initialized():  # a self-launched worker
         run_dir = _start_ranks(job, run_dir)
     preemption = PreemptionFlag(preemption_signals())
@@ -93,21 +94,18 @@ def worker(tree: dict, run_dir: str, wandb_group: str | None) -> None:
         leave_preempted(preemption.received, preemption.displaced[preemption.received])
 
 
-def _launch_local(tree: dict, run_dir: str, wandb_group: str | None, nproc: int) -> None:
+def _launch_local(job: JobConfig, run_dir: str, wandb_group: str | None, nproc: int) -> None:
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
     )  # fmt: skip
-    elastic_launch(config, worker)(tree, run_dir, wandb_group)
+    elastic_launch(config, worker)(job, run_dir, wandb_group)
 
 
 def _say(line: str) -> None:
     """One line on stderr, from rank 0 only (every rank of a torchrun job runs the start-up checks)."""
     if _rank() == 0:
         print(line, file=sys.stderr)
-
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -133,17 +131,16 @@ def main(cfg: DictConfig) -> float | None:
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(2)
-    tree = OmegaConf.to_container(cfg, resolve=True)
-    tree["checkpoint"]["resume"] = None if resume is None else str(resume)  # the verified one, not "auto"
-    if (trial := trial_spec(hydra_cfg.sweeper)) is not None:  # one trial of a search: its study and number
-        tree["search"] = trial
+    # the checkpoint verified at start-up (not "auto"), and the trial of a search this job runs, if any
+    job = replace(job, checkpoint=replace(job.checkpoint, resume=None if resume is None else str(resume)))
+    job = replace(job, search=trial_spec(hydra_cfg.sweeper))
     sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
     wandb_group = job.wandb.group or sweep
     if _ranks_started_for_us() or job.parallel.nproc_per_node == 1:
-        worker(tree, run_dir, wandb_group)
+        worker(job, run_dir, wandb_group)
     else:
         try:
-            _launch_local(tree, run_dir, wandb_group, job.parallel.nproc_per_node)
+            _launch_local(job, run_dir, wandb_group, job.parallel.nproc_per_node)
         except ChildFailedError as err:
             first = next(iter(err.failures.values()))
             print(f"error: a worker failed (exit code {first.exitcode}); see its output above", file=sys.stderr)
@@ -151,7 +148,7 @@ def main(cfg: DictConfig) -> float | None:
     if _rank() != 0:
         return None
     objective = last_recorded(Path(run_dir) / "metrics.jsonl", OBJECTIVES[job.objective])
-    finish_trial(tree.get("search"), objective)
+    finish_trial(job.search, objective)
     return objective
 
 

@@ -1,7 +1,7 @@
 """Training data: datasets addressed by sequence index, and the loader that batches them per rank.
 
 `data.name` picks the source: a generated task from `trainer.data.synthetic.GENERATORS`
-(tokenizer-free, deterministic by seed) or `corpus`, token shards written by `tools.prepare_data`.
+(tokenizer-free, deterministic by seed) or `corpus`, token shards written by `tools.commands.prepare_data`.
 """
 
 from __future__ import annotations

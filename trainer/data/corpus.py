@@ -1,4 +1,4 @@
-"""Training sequences from prepared token shards (`tools.prepare_data`), addressed by index.
+"""Training sequences from prepared token shards (`tools.commands.prepare_data`), addressed by index.
 
 The plan is fixed at construction and depends on the seed alone, so sequence i is the same in every
 process, at any world size, after any restart (the loader's position is all a checkpoint needs):

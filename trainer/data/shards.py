@@ -1,4 +1,4 @@
-"""Token shards on disk: the format `tools.prepare_data` writes and the corpus dataset memory-maps.
+"""Token shards on disk: the format `tools.commands.prepare_data` writes and the corpus dataset memory-maps.
 
 A prepared folder holds, for each shard k,
 
@@ -131,7 +131,7 @@ def read_manifest(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
-        raise DataError(f"{folder}: not a prepared corpus (no {MANIFEST}); make one with python -m tools.prepare_data")
+        raise DataError(f"{folder}: not a prepared corpus (no {MANIFEST}); make one with ttt-prepare-data")
     try:
         manifest = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -182,7 +182,7 @@ def open_prepared(folder: str | Path, checksums: bool = True) -> tuple[dict, lis
     folder = Path(folder)
     manifest = read_manifest(folder)
     if not manifest.get("complete"):
-        raise DataError(f"{folder}: preparation did not finish; re-run python -m tools.prepare_data with its arguments")
+        raise DataError(f"{folder}: preparation did not finish; re-run ttt-prepare-data with its arguments")
     shards = []
     try:
         for entry in manifest["shards"]:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-END_OF_TEXT = "<|endoftext|>"  # the one special token: the EOS that `tools.prepare_data` appends to each document
+END_OF_TEXT = (
+    "<|endoftext|>"  # the one special token: the EOS that `tools.commands.prepare_data` appends to each document
+)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:

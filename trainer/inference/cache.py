@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from trainer.ttt.fastweight import accumulation_dtype, clip_delta, gated_mean
-from trainer.ttt.layout import ChunkLayout, single_document_layout
+from trainer.ops.fastweight import accumulation_dtype, clip_delta, gated_mean
+from trainer.ops.fastweight.layout import ChunkLayout, single_document_layout
 from trainer.ttt.patch import decoder_of
 
 # Rows after a chunk that its value targets read: ntp's last target is the next position's source.

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 METHODS = ("none", "inplace", "ntp", "recon", "nomem")
-WRITES = ("raw", "normalized")  # see trainer/ttt/fastweight.py
+WRITES = ("raw", "normalized")  # see trainer/ops/fastweight/
 TARGET_SOURCES = ("hidden", "embed")
 
 _EVERY_RULE = re.compile(r"^every:(\d+)(?::(\d+))?$")

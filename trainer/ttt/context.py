@@ -15,8 +15,8 @@ import torch
 
 from parallel.halo import halo_rows
 from parallel.pieces import as_cp_group, fold, piece_edges
+from trainer.ops.fastweight.layout import ChunkLayout, build_layout, document_position_ids
 from trainer.ttt.config import TTTConfig
-from trainer.ttt.layout import ChunkLayout, build_layout, document_position_ids
 
 _NO_NEIGHBOUR = -2  # a position that breaks the +1 steps next to any real position
 

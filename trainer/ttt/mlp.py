@@ -8,9 +8,7 @@ from torch import nn
 from parallel.halo import halo_rows
 from parallel.pieces import as_cp_group
 from parallel.state_scan import exclusive_state_scan, state_scan_in_flight
-from trainer.ttt.config import TTTConfig
-from trainer.ttt.context import TTTContext
-from trainer.ttt.fastweight import (
+from trainer.ops.fastweight import (
     chunk_scan,
     chunk_sum,
     gated_mean,
@@ -18,7 +16,9 @@ from trainer.ttt.fastweight import (
     state_transfer,
     write_keys,
 )
-from trainer.ttt.layout import single_document_layout
+from trainer.ops.fastweight.layout import single_document_layout
+from trainer.ttt.config import TTTConfig
+from trainer.ttt.context import TTTContext
 from trainer.ttt.targets import value_targets
 
 

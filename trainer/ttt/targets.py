@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.ttt.layout import ChunkLayout, document_spans
+from trainer.ops.fastweight.layout import ChunkLayout, document_spans
 
 
 def value_targets(

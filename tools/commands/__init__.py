@@ -1,0 +1,1 @@
+"""The user commands behind the ttt-* console scripts (pyproject.toml [project.scripts])."""
