@@ -23,7 +23,7 @@ from test_cluster import TINY, point_results
 from test_train import cli, metrics, wandb_history_file
 
 import trainer.train
-from hydra_plugins.ttt_search._search_space import SearchSpaceError, parse_search_space, trial_overrides
+from hydra_plugins.ttt_search._search_space import SearchSpaceError, edge_points, parse_search_space, trial_overrides
 from trainer.search import JOURNAL, open_storage
 
 SEARCHED = ("ttt.lr", "optim.lr", "ttt.chunk_size")  # experiment=search's parameters
@@ -70,6 +70,8 @@ def test_four_trials_two_at_a_time_through_local_jobs(tmp_path):
     assert best["best_params"] == trials[best["best_trial"]].params
     assert set(best["importances"]) <= set(SEARCHED) and abs(sum(best["importances"].values()) - 1) < 1e-6
     assert (sweep / "trials.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (sweep / ".submitit" / "%j").exists()  # submitit's empty folder template
+    assert not (sweep / f"{JOURNAL}.ttt-search.sweeper").exists()  # the lock released
 
 
 def test_a_killed_search_resumes_without_repeating_its_finished_trials(tmp_path):
@@ -103,6 +105,8 @@ def test_a_killed_search_resumes_without_repeating_its_finished_trials(tmp_path)
     # The sampler goes on instead of starting over: with its seed as it was, trial 4 would be trial 0 again.
     assert trials[4].params not in [t.params for t in trials[:4]]
     assert "Trial 2 was left running by an earlier sweeper: failed, asked again" in result.stdout
+    assert f"Taking over the lock {sweep / JOURNAL}.ttt-search.sweeper of a sweeper that is gone (" in result.stdout
+    assert f"Study ttt-search in {sweep / JOURNAL}: 2 of 4 trials ended\n" in result.stdout
     assert yaml.safe_load((sweep / "optimization_results.yaml").read_text())["trials"] == {"complete": 4, "fail": 1}
 
 
@@ -150,6 +154,7 @@ def _foreign(path: Path) -> None:  # somebody's metrics.jsonl
 def test_a_bad_storage_file_is_one_line(tmp_path, monkeypatch, capsys, make, message):
     path = tmp_path / "study.journal"
     make(path)
+    stored = path.read_bytes()
     argv = ["ttt-train", "-m", "hydra/sweeper=optuna", f"hydra.sweeper.storage={path}", "ttt.lr=interval(0.5, 1.0)",
             f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
@@ -160,6 +165,7 @@ def test_a_bad_storage_file_is_one_line(tmp_path, monkeypatch, capsys, make, mes
     expected = message.format(path=path)
     assert line.startswith("error: ") and expected in line, line
     assert not (tmp_path / "sweep" / "0").exists()
+    assert path.read_bytes() == stored and sorted(p.name for p in tmp_path.iterdir()) == ["study.journal"]
 
 
 def test_search_space_syntax_maps_to_optuna_distributions():
@@ -179,6 +185,15 @@ def test_search_space_syntax_maps_to_optuna_distributions():
     ]  # fmt: skip
     with pytest.raises(SearchSpaceError, match=r"^data.depth=range\(5, 1\): an empty range$"):
         parse_search_space(["data.depth=range(5, 1)"])
+    with pytest.raises(SearchSpaceError, match=r"^x=interval\(1, nan\): bounds and steps must be finite numbers$"):
+        parse_search_space(["x=interval(1, nan)"])
+    with pytest.raises(SearchSpaceError, match=r"^Error parsing override 'x=choice\(\)': ValueError while evaluating"):
+        parse_search_space(["x=choice()"])  # as hydra.sweeper.params hands it over, unparsed
+    # The first edge of each parameter, then each other edge in turn (ttt.lr last: it was given again last).
+    first = {"ttt.lr": 0.5, "optim.lr": 0.001, "ttt.chunk_size": 16, "data.depth": 1, "x": 1, "name": "a"}
+    others = [{"optim.lr": 0.01}, {"ttt.chunk_size": 32}, {"ttt.chunk_size": 64}, {"data.depth": 7}, {"x": 64},
+              {"name": "b c"}, {"ttt.lr": 2.0}]  # fmt: skip
+    assert edge_points(space) == [first, *({**first, **edge} for edge in others)]
 
 
 def test_a_search_that_goes_the_wrong_way_stops_before_its_study_exists(tmp_path, monkeypatch, capsys):

@@ -10,13 +10,18 @@ and every rank learns its decision, so all stop at the same step. Outside a sear
 Storage: a database URL (`sqlite:///...`, `postgresql://...`) or a file path, which holds Optuna's journal
 (JournalStorage with its file backend: appends under a lock the file system provides, so processes on the
 nodes of a shared file system can write one study). The job itself records its end (complete with its
-objective, or pruned), so a trial that ends after its sweeper died keeps its result.
+objective, or pruned), so a trial that ends after its sweeper died keeps its result. The sweeper opens the storage
+here too, after cutting a journal's torn end (`heal_journal`): a job never cuts a file a sweeper may be writing.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -39,20 +44,82 @@ def open_storage(url: str):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweeper and the job say what happened themselves
-    journal = "://" not in url
+    journal = is_journal(url)
+    if journal:
+        make_folder(Path(url).parent, f"hydra.sweeper.storage {url}")
     try:
         if journal:
-            Path(url).parent.mkdir(parents=True, exist_ok=True)
             storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
         else:
             storage = optuna.storages.RDBStorage(url)
         studies = storage.get_all_studies()
     except Exception as err:  # what a foreign or corrupt store raises depends on where Optuna's reader trips
-        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}" if str(err).strip() else type(err).__name__
-        raise StorageError(f"hydra.sweeper.storage {url}: {_NOT_READ[journal]} ({reason})") from None
+        raise StorageError(f"hydra.sweeper.storage {url}: {_NOT_READ[journal]} ({_reason(err)})") from None
     if journal and not studies and Path(url).stat().st_size > 0:  # a journal's first line creates a study
         raise StorageError(f"hydra.sweeper.storage {url}: {_NOT_READ[journal]} (no study in it)")
     return storage
+
+
+def is_journal(url: str) -> bool:
+    """`hydra.sweeper.storage` names a journal file, not a database URL."""
+    return "://" not in url
+
+
+def make_folder(folder: Path, what: str) -> None:
+    """`folder` and its parents exist afterwards, or a one-line StorageError says why they cannot."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StorageError(f"{what}: cannot create the folder {folder} ({_reason(err)})") from None
+
+
+def _reason(err: Exception) -> str:
+    """An exception in a few words: its type and the first line of its message."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def heal_journal(path: Path) -> str | None:
+    """Cut a journal back to its last complete record when only its end is unreadable (a line a crash tore while
+    writing it, or junk appended), keeping the original beside it; returns a line saying so, or None when there is
+    nothing to cut. Left for open_storage to report: a bad line with records after it (a corruption in the middle)
+    and a file whose first line is no record (not a journal). Only a sweeper heals, before its trials start, and
+    under Optuna's own lock of the file, so that a record a job still appends is not taken for a torn one."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    if not path.is_file():
+        return None
+    lock = JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        with path.open("rb") as journal:
+            lines = list(journal)  # split as Optuna's reader splits them
+        keep = next((i for i, line in enumerate(lines) if not _is_record(line)), len(lines))
+        if keep in (0, len(lines)) or any(_is_record(line) for line in lines[keep:]):
+            return None
+        size, kept = sum(len(line) for line in lines), sum(len(line) for line in lines[:keep])
+        copy = path.with_name(f"{path.name}.torn-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
+        temporary = copy.with_name(f".{copy.name}.tmp")
+        shutil.copyfile(path, temporary)  # the whole original, complete under its name before the cut
+        os.replace(temporary, copy)
+        os.truncate(path, kept)  # in place: the records kept are never rewritten
+    finally:
+        lock.release()
+    return (
+        f"{path}: cut the {size - kept} bytes after its last complete record (a write torn by a crash, or junk "
+        f"appended); the original is kept as {copy}"
+    )
+
+
+def _is_record(line: bytes) -> bool:
+    """A complete line of an Optuna journal: a JSON object with an operation code, ended by a newline."""
+    if not line.endswith(b"\n"):
+        return False
+    try:
+        record = json.loads(line)
+    except ValueError:  # not JSON, nor UTF-8
+        return False
+    return isinstance(record, dict) and "op_code" in record
 
 
 def check_direction(direction, objective: str) -> None:

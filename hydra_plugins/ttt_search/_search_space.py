@@ -19,7 +19,8 @@ import math
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, Transformer
+from hydra.core.override_parser.types import Override, Transformer, ValueType
+from hydra.errors import OverrideParseException
 
 
 class SearchSpaceError(ValueError):
@@ -27,37 +28,58 @@ class SearchSpaceError(ValueError):
 
 
 def _distribution(override: Override):
+    """The distribution of a sweep override; every way it can be invalid, Optuna's own checks included, is a
+    one-line SearchSpaceError naming it."""
+    searchable = override.is_choice_sweep() or override.is_range_sweep() or override.is_interval_sweep()
+    if override.value_type == ValueType.GLOB_CHOICE_SWEEP or not searchable:  # glob(): config group options
+        raise SearchSpaceError(f"{override.input_line}: not a search space (choice, range, interval, tag)")
+    try:
+        return _optuna_distribution(override)
+    except ValueError as err:  # e.g. low > high, or log with a bound <= 0
+        raise SearchSpaceError(f"{override.input_line}: {err}") from None
+
+
+def _optuna_distribution(override: Override):
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     sweep = override.value()
+    log = "log" in sweep.tags
     if override.is_choice_sweep() or (override.is_range_sweep() and sweep.shuffle):
         choices = list(override.sweep_iterator(transformer=Transformer.identity))
         if not all(isinstance(c, (str, int, float, bool, type(None))) for c in choices):
-            raise SearchSpaceError(
-                f"{override.input_line}: choice() takes plain values (numbers, strings, booleans, null)"
-            )
+            raise ValueError("choice() takes plain values (numbers, strings, booleans, null)")
         return CategoricalDistribution(choices)
     if override.is_range_sweep():  # Hydra's range() excludes its stop, Optuna's bounds are inclusive
+        _require_finite(sweep.start, sweep.stop, sweep.step)
+        if sweep.step <= 0:
+            raise ValueError("a range's step must be positive")
         count = math.ceil((sweep.stop - sweep.start) / sweep.step)
         if count < 1:
-            raise SearchSpaceError(f"{override.input_line}: an empty range")
+            raise ValueError("an empty range")
         last = sweep.start + (count - 1) * sweep.step
         if any(isinstance(v, float) for v in (sweep.start, sweep.stop, sweep.step)):
-            return FloatDistribution(float(sweep.start), float(last), step=float(sweep.step))
-        return IntDistribution(sweep.start, last, step=sweep.step)
-    if override.is_interval_sweep():
-        log = "log" in sweep.tags
-        if isinstance(sweep.start, int) and isinstance(sweep.end, int):
-            return IntDistribution(sweep.start, sweep.end, log=log)
-        return FloatDistribution(float(sweep.start), float(sweep.end), log=log)
-    raise SearchSpaceError(f"{override.input_line}: not a search space (choice, range, interval, tag)")
+            return FloatDistribution(float(sweep.start), float(last), step=float(sweep.step), log=log)
+        return IntDistribution(sweep.start, last, step=sweep.step, log=log)
+    _require_finite(sweep.start, sweep.end)
+    if isinstance(sweep.start, int) and isinstance(sweep.end, int):
+        return IntDistribution(sweep.start, sweep.end, log=log)
+    return FloatDistribution(float(sweep.start), float(sweep.end), log=log)
+
+
+def _require_finite(*bounds: float) -> None:
+    if not all(math.isfinite(b) for b in bounds):
+        raise ValueError("bounds and steps must be finite numbers")
 
 
 def parse_search_space(arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
     """The distributions to search ({key: distribution}) and the overrides every trial gets unchanged.
     A key given twice takes its last value (the command line comes after `hydra.sweeper.params`)."""
+    try:
+        overrides = OverridesParser.create().parse_overrides(arguments)
+    except OverrideParseException as err:  # Hydra's message: the override, the reason, a link to the grammar
+        raise SearchSpaceError(": ".join(str(err).splitlines()[:2])) from None
     distributions, fixed = {}, {}
-    for override in OverridesParser.create().parse_overrides(arguments):
+    for override in overrides:
         key = override.get_key_element()
         distributions.pop(key, None)
         fixed.pop(key, None)
@@ -66,6 +88,14 @@ def parse_search_space(arguments: list[str]) -> tuple[dict[str, Any], list[str]]
         else:
             fixed[key] = override.input_line
     return distributions, list(fixed.values())
+
+
+def edge_points(space: dict[str, Any]) -> list[dict[str, Any]]:
+    """Points at the edges of a space, to check before searching it: every parameter at its first edge, then each
+    parameter at each of its other edges (every choice, an interval's or a range's bounds), the rest at their first."""
+    edges = {key: list(dict.fromkeys(getattr(d, "choices", None) or (d.low, d.high))) for key, d in space.items()}
+    first = {key: values[0] for key, values in edges.items()}
+    return [first] + [{**first, key: value} for key, values in edges.items() for value in values[1:]]
 
 
 def trial_overrides(params: dict[str, Any]) -> list[str]:
