@@ -10,6 +10,7 @@ NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count() or 1)"
 # (torch's default) restarted gloo/NCCL workers read stale peer addresses and fail or hang
 # (pytorch/pytorch#135712, #167288).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+source "$(dirname "$0")/collectives.sh"  # collective timeouts and the flight recorder's dumps
 exec torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-$(basename "$RUN_DIR")}" \
   --max-restarts "${MAX_RESTARTS:-3}" --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \

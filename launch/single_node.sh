@@ -9,6 +9,7 @@ RUN_DIR=${RUN_DIR:-runs/$(date +%Y-%m-%d_%H-%M-%S)}
 # (torch's default) restarted gloo/NCCL workers read stale peer addresses and fail or hang
 # (pytorch/pytorch#135712, #167288).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+source "$(dirname "$0")/collectives.sh"  # collective timeouts and the flight recorder's dumps
 exec torchrun --standalone --nproc-per-node "$NPROC" --max-restarts "${MAX_RESTARTS:-3}" \
   --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
   -m trainer.train hydra.run.dir="$RUN_DIR" checkpoint.resume=auto "$@"

@@ -60,6 +60,19 @@ def pytest_sessionstart(session) -> None:
 MODEL_BUILDERS = {"qwen3": tiny_qwen3, "llama": tiny_llama, "mistral": tiny_mistral}
 
 
+# metrics.jsonl keys that measure the machine rather than the training: two runs of the same steps differ in them
+_MEASURED = {"tokens_per_s", "peak_memory_bytes", "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu", "step_s"}
+
+
+def training_numbers(rows: list[dict]) -> list[dict]:
+    """metrics.jsonl records without their timing, throughput and memory figures: what a resumed or repeated run
+    must reproduce bit for bit."""
+    return [
+        {k: v for k, v in row.items() if k not in _MEASURED and not k.startswith(("time/", "cuda/", "profile/"))}
+        for row in rows
+    ]
+
+
 def randomize_ttt_parameters(model: torch.nn.Module, scale: float = 0.3) -> None:
     """Give the zero-initialised TTT parameters random values so the fast path is exercised."""
     with torch.no_grad():

@@ -51,6 +51,7 @@ class ParallelConfig:
     zero_stage: int  # deepspeed only: 2 or 3
     offload: bool  # deepspeed only: optimizer states in CPU memory
     overlap_state_scan: bool  # the fast-weight state scan's messages fly while the local chunk scan runs
+    timeout_minutes: float = 30.0  # a collective that waits longer fails (NCCL: with a flight-recorder dump)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class TrainConfig:
     progress: bool
     compile: bool | None = None  # regional torch.compile of the decoder layers; None: auto (see `compiles`)
     trainable: str = "all"  # what the optimizer trains: all | ttt (the TTT parameters) | ttt+norms
+    profile_steps: tuple[int, int] | None = None  # optimizer steps [a, b] the torch profiler records (1-based)
 
     def compiles(self, device_type: str) -> bool:
         """`train.compile` resolved on the device a job trains on: auto compiles on CUDA only (on CPU,
@@ -104,6 +106,7 @@ class CheckpointConfig:
     every: int
     keep: int
     resume: str | None  # None, "auto", or a checkpoint directory
+    async_save: bool = False  # DCP's async save: the files are written while training goes on
 
 
 @dataclass(frozen=True)
@@ -112,12 +115,14 @@ class EvalConfig:
     samples: int  # held-out sequences per evaluation
     seed: int  # of the held-out sequences: the same for every run, so runs are scored alike
     distance_edges: tuple[int, ...]  # key -> answer distance buckets of the accuracy
+    data: tuple[Any, ...] = ()  # prepared held-out corpora (as data.sources): the validation loss
 
     def interval(self, has_answers: bool) -> int:
-        """Steps between evaluations: `every`, or for auto AUTO_EVAL_EVERY on a generated task with answers
-        (so the default job reports whether its fast weights recall) and off on other data."""
+        """Steps between evaluations: `every`, or for auto AUTO_EVAL_EVERY where there is something to score (a
+        generated task with answers, so the default job reports whether its fast weights recall, or held-out
+        `eval.data`) and off otherwise."""
         if self.every is None:
-            return AUTO_EVAL_EVERY if has_answers else 0
+            return AUTO_EVAL_EVERY if has_answers or self.data else 0
         return self.every
 
 
@@ -202,6 +207,31 @@ def _folder_model_type(path: str | None) -> str:
         raise ConfigError(str(err)) from None
 
 
+def _profile_steps(train: dict, steps: int) -> tuple[int, int] | None:
+    """`train.profile.steps`: [] (off) or [a, b] with 1 <= a <= b <= train.steps."""
+    profile = train.get("profile") or {}
+    _require(isinstance(profile, dict), "train.profile", "a mapping with steps: [a, b]", profile)
+    wanted = profile.get("steps") or []
+    valid = (
+        isinstance(wanted, list) and len(wanted) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in wanted) and 1 <= wanted[0] <= wanted[1] <= steps
+    )  # fmt: skip
+    _require(
+        not wanted or valid, "train.profile.steps", f"[] or [a, b] with 1 <= a <= b <= train.steps={steps}", wanted
+    )
+    return tuple(wanted) if wanted else None
+
+
+def _validation_data(sources: list, data_name: str) -> tuple:
+    """`eval.data`: prepared held-out folders, as `data.sources` lists them (checked when they are opened)."""
+    _require(isinstance(sources, list), "eval.data", "a list of prepared folders", sources)
+    _require(
+        not sources or data_name == "corpus", "eval.data", "empty unless data=corpus (a generated task scores its "
+        "own held-out answers)", sources,
+    )  # fmt: skip
+    return tuple(sources)
+
+
 def job_config(cfg: DictConfig | dict) -> JobConfig:
     try:
         tree = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True) if isinstance(cfg, DictConfig) else cfg
@@ -248,6 +278,9 @@ def job_config(cfg: DictConfig | dict) -> JobConfig:
         zero_stage=zero_stage,
         offload=bool(par.get("offload", False)),
         overlap_state_scan=bool(par.get("overlap_state_scan", False)),
+        timeout_minutes=_number(par, "timeout_minutes", "parallel", positive=True)
+        if "timeout_minutes" in par
+        else 30.0,
     )
     seq_len = _int(data, "seq_len", "data")
     multiple = parallel_cfg.cp * ttt_cfg.chunk_size if ttt_cfg.method != "none" else parallel_cfg.cp
@@ -313,6 +346,7 @@ def job_config(cfg: DictConfig | dict) -> JobConfig:
         progress=bool(train.get("progress", True)),
         trainable=_choice({"trainable": train.get("trainable", "all")}, "trainable", "train", TRAINABLE),
         compile=compile_layers,
+        profile_steps=_profile_steps(train, _int(train, "steps", "train")),
     )
     _require(
         train_cfg.trainable == "all" or ttt_cfg.method != "none",
@@ -320,10 +354,17 @@ def job_config(cfg: DictConfig | dict) -> JobConfig:
     )  # fmt: skip
     resume = ckpt.get("resume")
     _require(resume is None or isinstance(resume, str), "checkpoint.resume", "null, 'auto' or a path", resume)
+    async_save = ckpt.get("async_save", False)
+    _require(isinstance(async_save, bool), "checkpoint.async_save", "true or false", async_save)
+    _require(
+        not async_save or parallel_cfg.engine != "deepspeed", "checkpoint.async_save",
+        "false with parallel.engine=deepspeed (DeepSpeed writes its own checkpoints)", async_save,
+    )  # fmt: skip
     ckpt_cfg = CheckpointConfig(
         every=_int(ckpt, "every", "checkpoint"),
         keep=_int(ckpt, "keep", "checkpoint"),
         resume=resume,
+        async_save=async_save,
     )
     evaluation = _section(tree, "eval")
     edges = evaluation.get("distance_edges") or []
@@ -336,6 +377,7 @@ def job_config(cfg: DictConfig | dict) -> JobConfig:
         samples=_int(evaluation, "samples", "eval"),
         seed=_int(evaluation, "seed", "eval", minimum=0),
         distance_edges=tuple(edges),
+        data=_validation_data(evaluation.get("data") or [], data_cfg.name),
     )
     objective = tree.get("objective", "loss")  # configs of runs made before the key existed: loss
     _require(objective in OBJECTIVES, "objective", f"one of {', '.join(OBJECTIVES)}", objective)

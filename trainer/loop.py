@@ -19,17 +19,26 @@ from parallel.engine import apply_fsdp, init_deepspeed, sync_gradients
 from parallel.mesh import build_mesh
 from parallel.pieces import CPGroup
 from parallel.sharding import IGNORE_INDEX, shard_batch
-from trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from trainer.checkpoint import Checkpointer, load_checkpoint, resolve_resume
 from trainer.compile import apply_compile
 from trainer.config import JobConfig
 from trainer.data import SequenceLoader, build_dataset, sizes_only, stream_identity
 from trainer.evaluation.answers import answer_accuracy
+from trainer.evaluation.validation import validation_loss, validation_record, validation_set
 from trainer.faults import PreemptionFlag
 from trainer.materialize import Materializer, load_pretrained
 from trainer.model import CausalLMLoss, build_meta_model, enable_activation_checkpointing, freeze_base, master_dtype
 from trainer.optim import build_optimizer, set_lr
-from trainer.planning.memory import auto_checkpoint_every
+from trainer.planning.memory import ModelFacts, auto_checkpoint_every, model_facts
 from trainer.search import SearchTrial
+from trainer.telemetry import (
+    StepClock,
+    StepOutOfMemory,
+    StepProfiler,
+    Throughput,
+    memory_record,
+    out_of_memory_line,
+)
 from trainer.tracking import MetricsFile, WandbRun, write_json_atomically
 from trainer.ttt.mlp import FastWeightMLP
 
@@ -82,15 +91,30 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def train_step(step_model, optimizer, loader: SequenceLoader, job: JobConfig, ranks: Ranks) -> dict:
+def train_step(step_model, optimizer, loader: SequenceLoader, job: JobConfig, ranks: Ranks, clock=None) -> dict:
     """One optimizer step over `grad_accum` micro-batches; the loss is the mean over every real token
-    of the step across all data- and context-parallel ranks."""
-    batches = [loader.next_batch() for _ in range(job.train.grad_accum)]
+    of the step across all data- and context-parallel ranks. `clock` (a `trainer.telemetry.StepClock`) times its
+    phases: reading the batches, forward + backward, the optimizer."""
+    clock = clock or StepClock(ranks.device)
+    with clock.phase("data"):
+        batches = [loader.next_batch() for _ in range(job.train.grad_accum)]
+    with clock.phase("forward_backward"):
+        loss = _forward_backward(step_model, batches, job, ranks)
+    with clock.phase("optimizer"):
+        return _optimizer_step(step_model, optimizer, loss, job, ranks)
+
+
+def _engine(job: JobConfig, ranks: Ranks) -> str:
+    return job.parallel.engine if ranks.world > 1 else "single"
+
+
+def _forward_backward(step_model, batches, job: JobConfig, ranks: Ranks) -> torch.Tensor:
+    """The step's mean loss over all ranks; the gradients accumulated."""
     real = torch.tensor(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)), device=ranks.device)
     total = _all_reduce(real, ranks.dp_group)  # every CP rank holds the same full sequences
     loss_sum = torch.zeros((), device=ranks.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=ranks.device.type == "cuda")
-    engine = job.parallel.engine if ranks.world > 1 else "single"
+    engine = _engine(job, ranks)
     # FSDP2 and DeepSpeed average gradients over ranks, DeepSpeed also over micro-batches; the job's
     # losses are pre-divided by the global token count, so it needs plain sums.
     scale = {"fsdp2": ranks.world, "deepspeed": ranks.world * job.train.grad_accum}.get(engine, 1)
@@ -108,7 +132,12 @@ def train_step(step_model, optimizer, loader: SequenceLoader, job: JobConfig, ra
                 step_model.step()  # DeepSpeed counts micro-steps; it only steps at the boundary
         else:
             (ce * scale / total).backward()
-    loss = _all_reduce(loss_sum) / total
+    return _all_reduce(loss_sum) / total
+
+
+def _optimizer_step(step_model, optimizer, loss: torch.Tensor, job: JobConfig, ranks: Ranks) -> dict:
+    """Clip and step (a non-finite loss or gradient skips the step), zero the gradients."""
+    engine = _engine(job, ranks)
     if engine == "deepspeed":
         if not torch.isfinite(loss):  # DeepSpeed skips steps only for fp16 overflow
             raise NonFiniteLossError("non-finite loss under parallel.engine=deepspeed, which cannot skip a step")
@@ -153,6 +182,7 @@ class Training(NamedTuple):
     optimizer: torch.optim.Optimizer
     deepspeed_engine: object | None
     checkpoint_every: int | None  # activation checkpointing recomputes every n-th decoder layer (None: off)
+    facts: ModelFacts  # the planner's view of the model (parameter counts, shapes): MFU and the OOM line use it
 
 
 def checkpointing_of(job: JobConfig, model: torch.nn.Module, ranks: Ranks) -> int | None:
@@ -170,6 +200,7 @@ def build_training(job: JobConfig, ranks: Ranks) -> Training:
     as configured, materialised (sharded by FSDP2 when that is the engine), pretrained weights loaded."""
     engine = job.parallel.engine if ranks.world > 1 else "single"
     model = build_meta_model(job.model, job.ttt, master_dtype(job.model.dtype, ranks.device, engine))
+    facts = model_facts(model)
     if ranks.cp is not None:
         apply_cp(model, ranks.cp, job.parallel.attention)
     checkpoint_every = checkpointing_of(job, model, ranks)
@@ -189,12 +220,51 @@ def build_training(job: JobConfig, ranks: Ranks) -> Training:
     freeze_base(model, job.train.trainable)
     optimizer = build_optimizer(model, job.optim)
     if engine != "deepspeed":
-        return Training(model, step_model, optimizer, None, checkpoint_every)
+        return Training(model, step_model, optimizer, None, checkpoint_every, facts)
     engine_model, optimizer = init_deepspeed(
         step_model, optimizer, job.data.batch_size, job.train.grad_accum, job.train.grad_clip,
         job.parallel.zero_stage, job.parallel.offload,
     )  # fmt: skip
-    return Training(model, engine_model, optimizer, engine_model, checkpoint_every)
+    return Training(model, engine_model, optimizer, engine_model, checkpoint_every, facts)
+
+
+class Evaluation:
+    """What `eval.every` scores: the answers of a generated task (exact match, `eval.json`) and, for `data=corpus`,
+    the validation loss of the held-out `eval.data` by position (`validation.json`). Every rank takes part."""
+
+    def __init__(self, job: JobConfig, dataset, vocab_size: int, ranks: Ranks):
+        self.job, self.ranks = job, ranks
+        self.every = job.eval.interval(has_answers=hasattr(dataset, "sample"))
+        options = sizes_only(job.data.name, job.data.options)
+        answers = self.every and hasattr(dataset, "sample")
+        self.answers = (
+            build_dataset(job.data.name, job.data.seq_len, vocab_size, job.eval.seed, options) if answers else None
+        )
+        validates = self.every and job.eval.data
+        self.validation = (
+            validation_set(job.eval.data, job.data.seq_len, vocab_size, job.eval.seed) if validates else None
+        )
+        self.last_answers: dict | None = None  # the last answer evaluation: the run's closing line
+
+    def due(self, done: int) -> bool:
+        return bool(self.every) and (done % self.every == 0 or done == self.job.train.steps)
+
+    def __call__(self, step_model, done: int, run_dir: Path | None) -> dict:
+        """Score now; the metrics record's keys. `run_dir` (rank 0's) gets the details as JSON."""
+        record = {}
+        if self.answers is not None:
+            scores = answer_accuracy(step_model, self.answers, self.job.eval.samples, self.ranks,
+                                     self.job.eval.distance_edges)  # fmt: skip
+            self.last_answers = {"step": done, **scores}
+            record["eval/accuracy"] = scores["accuracy"]
+            if run_dir is not None:
+                write_json_atomically(run_dir / "eval.json", self.last_answers)
+        if self.validation is not None:
+            scores = validation_loss(step_model, self.validation, self.job.eval.samples, self.ranks)
+            record.update(validation_record(scores))
+            if run_dir is not None:
+                write_json_atomically(run_dir / "validation.json", {"step": done, **scores})
+        return record
 
 
 def run(
@@ -204,19 +274,18 @@ def run(
     for SIGTERM and SIGUSR1) catches saves a checkpoint after the current step and ends training there."""
     ranks = setup_ranks(job.parallel.cp, job.parallel.load_balance, job.parallel.overlap_state_scan)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, step_model, optimizer, deepspeed_engine, checkpoint_every = build_training(job, ranks)
+    model, step_model, optimizer, deepspeed_engine, checkpoint_every, facts = build_training(job, ranks)
     if ranks.rank == 0 and job.train.activation_checkpointing is None and ranks.device.type == "cuda":
         chosen = "off" if checkpoint_every is None else f"every {checkpoint_every} layer(s)"
         print(f"activation checkpointing (auto, the memory planner's choice): {chosen}", file=sys.stderr)
     vocab_size = model.config.vocab_size
     options = sizes_only(job.data.name, job.data.options)  # start-up (trainer/preflight.py) hashed the shards
     dataset = build_dataset(job.data.name, job.data.seq_len, vocab_size, job.seed, options)
-    eval_every = job.eval.interval(has_answers=hasattr(dataset, "sample"))
-    if eval_every:
-        held_out = build_dataset(job.data.name, job.data.seq_len, vocab_size, job.eval.seed, options)
+    evaluation = Evaluation(job, dataset, vocab_size, ranks)
     loader = SequenceLoader(dataset, job.data.batch_size, ranks.dp_rank, ranks.dp_size)
 
     ckpt_root = run_dir / "checkpoints"
+    checkpointer = Checkpointer(ckpt_root, job.checkpoint.keep, job.checkpoint.async_save, deepspeed_engine)
     resume_from = resolve_resume(ckpt_root, job.checkpoint.resume)
     start, wandb_id, last_ckpt = 0, None, None
     if resume_from is not None:
@@ -234,65 +303,83 @@ def run(
     if preemption is None:
         preemption = PreemptionFlag()
     tokens_per_step = job.data.seq_len * job.data.batch_size * ranks.dp_size * job.train.grad_accum
+    throughput = Throughput(job, facts, ranks.world, ranks.device)
+    profiler = StepProfiler(job.train.profile_steps, run_dir, ranks.rank, ranks.device)
     progress = tqdm(
         total=job.train.steps, initial=start, disable=not (lead and job.train.progress), unit="step", mininterval=2
     )
     bad_in_a_row = 0
-    evaluation = None
 
-    def checkpoint(step: int) -> Path:
+    def checkpoint(step: int) -> Path | None:
         stream = stream_identity(job.data.name, job.data.seq_len, job.seed, job.data.options)
         meta = {"data": loader.state_dict(), "data_stream": stream, "wandb_run_id": wandb.run_id if wandb else None}
-        return save_checkpoint(ckpt_root, step, model, optimizer, meta, job.checkpoint.keep, deepspeed_engine)
+        return checkpointer.save(step, model, optimizer, meta)
 
     try:
         for step in range(start, job.train.steps):
-            lr = set_lr(optimizer, step, job.train.steps, job.optim)
-            began = time.perf_counter()
-            stats = train_step(step_model, optimizer, loader, job, ranks)
-            elapsed = time.perf_counter() - began
             done = step + 1
+            lr = set_lr(optimizer, step, job.train.steps, job.optim)
+            clock = StepClock(ranks.device)
+            profiler.before(done)
+            began = time.perf_counter()
+            try:
+                stats = train_step(step_model, optimizer, loader, job, ranks, clock)
+            except torch.cuda.OutOfMemoryError:
+                raise StepOutOfMemory(out_of_memory_line(job, facts, ranks.world, done, checkpoint_every)) from None
+            train_s = time.perf_counter() - began
             bad_in_a_row = 0 if stats["finite"] else bad_in_a_row + 1
-            update_norms = _ttt_update_norms(model, ranks)  # a collective: every rank takes part
-            if eval_every and (done % eval_every == 0 or done == job.train.steps):
-                scores = answer_accuracy(step_model, held_out, job.eval.samples, ranks, job.eval.distance_edges)
-                evaluation = {"step": done, **scores}
+            abort = bad_in_a_row >= job.train.max_nonfinite_steps
+            record = {
+                "step": done, "loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
+                "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_step / train_s,
+                "peak_memory_bytes": _peak_memory_bytes(ranks.device), "skipped": not stats["finite"],
+                **_ttt_update_norms(model, ranks),  # a collective: every rank takes part
+            }  # fmt: skip
+            if evaluation.due(done):
+                with clock.phase("eval"):
+                    record.update(evaluation(step_model, done, run_dir if lead else None))
+            with clock.phase("checkpoint"):
+                if not abort and (done % job.checkpoint.every == 0 or done == job.train.steps):
+                    last_ckpt = checkpoint(done) or last_ckpt
+                last_ckpt = checkpointer.poll(ranks.device) or last_ckpt  # an async save every rank has written
+            record.update(profiler.after(done))
             if lead:
-                record = {
-                    "step": done, "loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
-                    "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_step / elapsed,
-                    "peak_memory_bytes": _peak_memory_bytes(ranks.device), "skipped": not stats["finite"],
-                }  # fmt: skip
-                record.update(update_norms)
-                if evaluation is not None and evaluation["step"] == done:
-                    record["eval/accuracy"] = evaluation["accuracy"]
-                    write_json_atomically(run_dir / "eval.json", evaluation)
+                record.update(throughput.record(tokens_per_step, train_s), step_s=time.perf_counter() - began)
+                record.update(clock.record(), **memory_record(ranks.device))
                 metrics.write(record)
                 wandb.log(record, step=done)
-                progress.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                progress.set_postfix(_progress(record))
                 progress.update(1)
-            if bad_in_a_row >= job.train.max_nonfinite_steps:
+            if abort:
                 raise NonFiniteLossError(
                     f"{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient (skipped); "
                     f"stopping at step {done}, last good checkpoint: {last_ckpt}"
                 )
-            if done % job.checkpoint.every == 0 or done == job.train.steps:
-                last_ckpt = checkpoint(done)
             pruned = trial.prunes(done, record if lead else None, ranks.device)  # the search stops a bad trial early
             if preemption.any_rank(ranks.device) or pruned:
+                last_ckpt = checkpointer.wait() or last_ckpt
                 if last_ckpt is None or last_ckpt.name != f"step-{done}":
-                    last_ckpt = checkpoint(done)
+                    last_ckpt = checkpoint(done) or checkpointer.wait()
                 if lead:
                     print(f"{'pruned' if pruned else 'preempted'}: saved {last_ckpt}, exiting", file=sys.stderr)
                 break
+        last_ckpt = checkpointer.wait() or last_ckpt  # the end: an async save still writing is finished first
     finally:
         progress.close()
         if wandb is not None:
             wandb.finish()
     if lead:
-        if evaluation is not None:
-            print(_accuracy_line(evaluation, dataset))
+        if evaluation.last_answers is not None:
+            print(_accuracy_line(evaluation.last_answers, dataset))
         print(f"run directory: {run_dir}\nmetrics: {run_dir / 'metrics.jsonl'}\ncheckpoint: {last_ckpt}")
         if wandb is not None and wandb.offline_dir:
             print(f"wandb: {Path(wandb.offline_dir).parent}")
     return last_ckpt
+
+
+def _progress(record: dict) -> dict[str, str]:
+    """The progress bar's figures: loss, tokens/s per GPU and, where known, MFU."""
+    shown = {"loss": f"{record['loss']:.4f}", "tok_s_gpu": f"{record['tokens_per_s_per_gpu']:.0f}"}
+    if "mfu" in record:
+        shown["mfu"] = f"{100 * record['mfu']:.1f}%"
+    return shown

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from trainer.config import ModelConfig
 from trainer.materialize import Materializer, load_pretrained
 from trainer.model_folder import read_model_config
-from trainer.ops.loss import linear_cross_entropy
+from trainer.ops.loss import linear_cross_entropy, token_cross_entropy
 from trainer.ttt import TTTConfig, patch_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -93,8 +93,8 @@ def enable_activation_checkpointing(model, every_n_layers: int = 1) -> None:
 
 
 class CausalLMLoss(nn.Module):
-    """The decoder and its summed next-token loss in one forward (or, without labels, its greedy
-    next-token predictions, for evaluation).
+    """The decoder and its summed next-token loss in one forward (or, for evaluation, each token's loss, or without
+    labels its greedy next-token predictions).
 
     One forward keeps FSDP2's root unit (embeddings, final norm, output head) gathered for both, and
     the chunked loss never materializes the full logits.
@@ -105,12 +105,19 @@ class CausalLMLoss(nn.Module):
         self.lm = lm
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        per_token: bool = False,
     ) -> torch.Tensor:
+        """The summed loss; with `per_token`, each token's loss (B, S) instead (evaluation, no gradient)."""
         hidden = self.lm.get_decoder()(input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         head = self.lm.get_output_embeddings().weight
         if labels is None:
             return _greedy_tokens(hidden, head)
+        if per_token:
+            return token_cross_entropy(hidden.flatten(0, 1), head, labels.flatten()).view(labels.shape)
         return linear_cross_entropy(hidden.flatten(0, 1), head, labels.flatten())
 
 

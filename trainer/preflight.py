@@ -3,8 +3,9 @@ builds a model, and a bad one is a one-line `ConfigError` (trainer/train.py prin
 
 - `model.path`: the folder, its config.json and model type, its safetensors files (headers and
   sizes) and that their tensors fit the model with the job's TTT layers.
-- `data`: the dataset opens (generators, tokenizer folders, corpus options and shard sizes); corpus
-  shards are hashed here, each rank of a torchrun job hashing its slice, with one shared verdict.
+- `data`: the dataset opens (generators, tokenizer folders, corpus options and shard sizes), and so does the
+  held-out corpus of `eval.data`; corpus shards are hashed here, each rank of a torchrun job hashing its slice,
+  with one shared verdict.
 - `checkpoint.resume`: the checkpoint verifies against its meta.json (a damaged newest one under
   "auto" is reported and skipped), was written by this job's engine format, on this job's data stream,
   and holds every tensor of this model in its shape.
@@ -25,6 +26,7 @@ from trainer.checkpoint.dcp_reader import read_index
 from trainer.config import ConfigError, JobConfig
 from trainer.data import build_dataset, sizes_only, stream_identity
 from trainer.data.shards import verify_prepared
+from trainer.evaluation.validation import validation_set
 from trainer.model import build_meta_model
 from trainer.model_folder import stored_shapes, weights_mismatch
 
@@ -62,11 +64,18 @@ def _check_data(job: JobConfig, vocab_size: int) -> None:
     dataset = build_dataset(
         job.data.name, job.data.seq_len, vocab_size, job.seed, sizes_only(job.data.name, job.data.options)
     )
+    folders = list(getattr(dataset, "folders", []))
+    if job.eval.data:  # the held-out corpus of the validation loss opens as the training corpus does
+        held_out = validation_set(job.eval.data, job.data.seq_len, vocab_size, job.eval.seed)
+        folders += held_out.folders
     if job.data.name == "corpus" and job.data.options.get("verify_checksums", True):
-        for folder in dataset.folders:
+        for folder in folders:
             verify_prepared(folder)
-    if job.eval.every and not hasattr(dataset, "sample"):
-        raise ValueError(f"eval.every needs a generated task with answers (data=synthetic_*), not {job.data.name}")
+    if job.eval.every and not hasattr(dataset, "sample") and not job.eval.data:
+        raise ValueError(
+            f"eval.every needs a generated task with answers (data=synthetic_*) or held-out eval.data, "
+            f"not {job.data.name} alone"
+        )
 
 
 def _world_size(job: JobConfig) -> int:

@@ -20,6 +20,7 @@ import os
 import sys
 import uuid
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import hydra
@@ -67,7 +68,7 @@ def _start_ranks(job, run_dir: str) -> str:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():  # modulo: a Slurm task bound to its own GPU sees that one only
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=timedelta(minutes=job.parallel.timeout_minutes))
     if dist.get_world_size() % job.parallel.cp:
         raise ConfigError(f"parallel.cp={job.parallel.cp} does not divide the world size {dist.get_world_size()}")
     shared = [run_dir]
@@ -79,6 +80,7 @@ def worker(job: JobConfig, run_dir: str, wandb_group: str | None) -> None:
     """One training process (rank); also the entry point of self-launched workers, which receive the validated
     job as it is (pickled by the launcher)."""
     from trainer.loop import run  # after the process group exists in spawned workers
+    from trainer.telemetry import StepOutOfMemory
 
     if _multi_process() and not dist.is_initialized():  # a self-launched worker
         run_dir = _start_ranks(job, run_dir)
@@ -87,6 +89,9 @@ def worker(job: JobConfig, run_dir: str, wandb_group: str | None) -> None:
         run(job, Path(run_dir), wandb_group, preemption)
         if dist.is_initialized():
             dist.barrier()  # no rank tears gloo down while a peer still talks to it
+    except StepOutOfMemory as err:  # the rank that ran out says so in one line; torchrun stops the others
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

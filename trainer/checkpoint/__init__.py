@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -78,13 +79,18 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def _file_records(folder: Path) -> dict[str, dict]:
-    """Size and sha256 of every file under `folder`, each fsynced; the ranks share the work."""
+def _hash_my_slice(folder: Path) -> dict[str, dict]:
+    """Size and sha256 of this rank's share of the files under `folder`, each fsynced (no collective)."""
     names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     mine = {}
     for name in rank_slice(names):
         fsync_file(folder / name)
         mine[name] = {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+    return mine
+
+
+def _gather_records(mine: dict[str, dict]) -> dict[str, dict]:
+    """Every rank's share of the file records, in name order. Collective."""
     if not dist.is_initialized():
         return mine
     gathered: list[dict] = [{}] * _world()
@@ -92,24 +98,24 @@ def _file_records(folder: Path) -> dict[str, dict]:
     return {name: record for part in gathered for name, record in sorted(part.items())}
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, meta: dict, keep: int, deepspeed_engine=None) -> Path:
-    """Write checkpoint `step` atomically; DeepSpeed jobs use DeepSpeed's own format inside the same layout."""
-    final = root / f"step-{step}"
+def _begin(root: Path, step: int) -> Path:
+    """The empty partial folder of checkpoint `step` (partial folders of crashed saves are removed first)."""
     partial = root / f".step-{step}.partial"
     if _rank() == 0:
         for stale in root.glob(".step-*.partial"):
             shutil.rmtree(stale)
         partial.mkdir(parents=True)
     _barrier()
-    if deepspeed_engine is not None:
-        deepspeed_engine.save_checkpoint(str(partial), tag=_DEEPSPEED_TAG)
-    else:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial, no_dist=not dist.is_initialized())
-    (partial / f"rng-rank{_rank()}.json").write_text(json.dumps(_rng_state()))
-    meta = {**meta, "format": "deepspeed" if deepspeed_engine is not None else "dcp"}
+    return partial
+
+
+def _finish(root: Path, step: int, partial: Path, meta: dict, keep: int, mine: dict | None = None) -> Path:
+    """Make a written checkpoint durable and visible: size and sha256 of every file in meta.json, everything
+    fsynced, the folder renamed into place, the oldest beyond `keep` removed. `mine`: this rank's share of the
+    file records, when the background already made it. Collective."""
     _barrier()
-    files = _file_records(partial)
+    files = _gather_records(_hash_my_slice(partial) if mine is None else mine)
+    final = root / f"step-{step}"
     if _rank() == 0:
         meta = {**meta, "step": step, "world_size": _world(), "files": files}
         (partial / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -124,6 +130,80 @@ def save_checkpoint(root: Path, step: int, model, optimizer, meta: dict, keep: i
             shutil.rmtree(old)
     _barrier()
     return final
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, meta: dict, keep: int, deepspeed_engine=None) -> Path:
+    """Write checkpoint `step` atomically; DeepSpeed jobs use DeepSpeed's own format inside the same layout."""
+    partial = _begin(root, step)
+    if deepspeed_engine is not None:
+        deepspeed_engine.save_checkpoint(str(partial), tag=_DEEPSPEED_TAG)
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial, no_dist=not dist.is_initialized())
+    (partial / f"rng-rank{_rank()}.json").write_text(json.dumps(_rng_state()))
+    meta = {**meta, "format": "deepspeed" if deepspeed_engine is not None else "dcp"}
+    return _finish(root, step, partial, meta, keep)
+
+
+def _hash_when_written(written: Future, partial: Path) -> dict[str, dict]:
+    written.result()  # a failed write raises, here and then in `Checkpointer.wait`
+    return _hash_my_slice(partial)
+
+
+class Checkpointer:
+    """A run's checkpoints, written in place (`save_checkpoint`) or, with `checkpoint.async_save`, in the background.
+
+    An async save stages the model and optimizer state in CPU memory (DCP's `async_save`: a copy, so the next steps
+    may change the weights) and writes the files from a thread over a process group of its own (the training's
+    collectives never share one with it), while training goes on; the RNG state and the data position are those of
+    the step it was started at. It becomes a checkpoint only once every rank's files are written: `poll`, called
+    after each step, agrees on that across ranks and then runs the same finish as a synchronous save (meta.json with
+    every file's size and sha256, fsync, rename, keep). Until then the files sit in `.step-N.partial/`, which resume
+    never reads: a crash or SIGKILL during the background write leaves the previous checkpoint as the resume point.
+    One save is in flight at a time: a save that finds the previous one still writing waits for it.
+    """
+
+    def __init__(self, root: Path, keep: int, async_save: bool, deepspeed_engine=None):
+        self.root, self.keep, self.async_save, self.deepspeed_engine = root, keep, async_save, deepspeed_engine
+        self.pending: tuple[int, Path, dict, Future] | None = None  # step, partial folder, meta, this rank's records
+        self.group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if async_save else None
+
+    def save(self, step: int, model, optimizer, meta: dict) -> Path | None:
+        """Checkpoint `step`; returns its folder, or None while an async save is still writing it."""
+        self.wait()
+        if not self.async_save:
+            return save_checkpoint(self.root, step, model, optimizer, meta, self.keep, self.deepspeed_engine)
+        partial = _begin(self.root, step)
+        (partial / f"rng-rank{_rank()}.json").write_text(json.dumps(_rng_state()))  # before any rank's write ends
+        model_state, optim_state = get_state_dict(model, optimizer)
+        written = dcp.async_save(
+            {"model": model_state, "optim": optim_state}, checkpoint_id=partial, process_group=self.group,
+            no_dist=not dist.is_initialized(),
+        )  # fmt: skip
+        # Its future ends after DCP's closing collective, when every rank's files and .metadata exist: then this
+        # rank hashes its share of them, still in the background.
+        records = self.background.submit(_hash_when_written, written, partial)
+        self.pending = (step, partial, {**meta, "format": "dcp"}, records)
+        return None
+
+    def poll(self, device: torch.device) -> Path | None:
+        """After a step: the checkpoint an async save just completed on every rank, else None. Collective while a
+        save is pending (every rank has one: saves start at the same steps)."""
+        if self.pending is None:
+            return None
+        done = torch.tensor([int(self.pending[3].done())], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        return self.wait() if done.item() else None
+
+    def wait(self) -> Path | None:
+        """Block until the pending async save is written, and finish it; returns it (None if none was pending)."""
+        if self.pending is None:
+            return None
+        step, partial, meta, records = self.pending
+        self.pending = None
+        return _finish(self.root, step, partial, meta, self.keep, records.result())  # a failed write raises here
 
 
 def read_meta(path: Path) -> dict:

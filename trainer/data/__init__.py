@@ -28,7 +28,13 @@ def sizes_only(name: str, options: dict) -> dict:
     return {**options, "verify_checksums": False} if name == "corpus" else options
 
 
+# Options added after checkpoints were first written, at the value that reads the stream those checkpoints read:
+# left out of the identity at that value, so the older checkpoints still resume.
+_ADDED_LATER = {"shuffle": False}
+
+
 def stream_identity(name: str, seq_len: int, seed: int, options: dict) -> dict:
     """What fixes the sequence stream (sequence i is a function of these and i): saved in checkpoints,
     so a resume that would read another stream is refused."""
-    return {"seed": seed, "data.name": name, "data.seq_len": seq_len, **{f"data.{k}": v for k, v in options.items()}}
+    kept = {k: v for k, v in options.items() if not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
+    return {"seed": seed, "data.name": name, "data.seq_len": seq_len, **{f"data.{k}": v for k, v in kept.items()}}

@@ -52,6 +52,24 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
 
 
+@torch.no_grad()
+def token_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096
+) -> torch.Tensor:
+    """Per token CE(hidden @ weight^T, labels), (N,) in at least fp32, 0 where the label is ignored: the evaluation's
+    loss by position, a chunk of token rows at a time (one (chunk x vocab) logits block held). No gradient."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    acc = torch.promote_types(dtype, torch.float32)
+    w = weight.to(dtype).to(acc)
+    out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        logits = hidden[rows].to(dtype).to(acc) @ w.T
+        out[rows] = F.cross_entropy(logits, labels[rows], ignore_index=IGNORE_INDEX, reduction="none")
+    return out
+
+
 _FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 

@@ -600,8 +600,9 @@ def model_flops(params: int, layers: int, attention_width: int, seq_len: int) ->
     return 6 * params * seq_len + 6 * layers * attention_width * seq_len**2
 
 
-def _model_flops_per_gpu(m: ModelFacts, st: Setup) -> float:
-
+def model_flops_per_gpu(m: ModelFacts, st: Setup) -> float:
+    """`model_flops` of one optimizer step on one GPU: its sequences (b per micro-batch, k micro-batches), a CP
+    rank holding 1/P of each."""
     sequence = model_flops(m.params, m.layers, m.heads * m.head_dim, st.seq_len)
     return sequence * st.batch * st.grad_accum / st.cp
 
@@ -675,7 +676,7 @@ def predict(m: ModelFacts, st: Setup, rates: Rates, links: Links | None = None) 
     parts["engine communication"] = engine_exposed
     step = sum(parts.values())
     tokens = st.tokens * k
-    return Prediction(st, rates, step, parts, communication, _model_flops_per_gpu(m, st), tokens)
+    return Prediction(st, rates, step, parts, communication, model_flops_per_gpu(m, st), tokens)
 
 
 def _critical_rank(m: ModelFacts, st: Setup, links: Links) -> int:
