@@ -3,29 +3,36 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, randomize_ttt_parameters, tiny_llama
+import transformers.dynamic_module_utils
+from conftest import VOCAB, randomize_ttt_parameters, tiny_llama, tiny_qwen3
 from omegaconf import OmegaConf
 from test_train import compose_job
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config
 
 from tools.commands.export_hf import main
 from trainer.checkpoint.trained_model import load_trained_model
+from trainer.config import ModelConfig
 from trainer.hf_format import load_ttt_model, save_ttt_model, ttt_config_fields, ttt_config_from_fields
 from trainer.loop import run
+from trainer.model import build_model
 from trainer.ttt import TTTConfig, patch_model
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A 2-step tiny In-Place TTT run with its Hydra config where `ttt-train` leaves it."""
-    run_dir = tmp_path_factory.mktemp("run")
-    job = compose_job(
-        "experiment=smoke", "parallel=single", "train.steps=2", "logging.wandb.mode=disabled",
-        "ttt=inplace", "ttt.layers=[1,3]", "ttt.target_source=embed",
-    )  # fmt: skip
+    return train_tiny(tmp_path_factory.mktemp("run"), "ttt=inplace", "ttt.layers=[1,3]", "ttt.target_source=embed")
+
+
+def train_tiny(run_dir: Path, *overrides: str) -> tuple[Path, Path]:
+    """A 2-step experiment=smoke run in one process: (its checkpoint, its Hydra config where `ttt-train` leaves it)."""
+    quiet = ["parallel=single", "train.steps=2", "eval.every=0", "logging.wandb.mode=disabled"]
+    job = compose_job("experiment=smoke", *quiet, *overrides)
     checkpoint = run(job, run_dir)
     (run_dir / ".hydra").mkdir()
     OmegaConf.save(job.raw, run_dir / ".hydra" / "config.yaml")
@@ -61,6 +68,7 @@ def test_export_loads_back_with_identical_logits(trained_run, tmp_path):
         (["{tmp}/nowhere/step-3", "{tmp}/out"], "is not a complete checkpoint (no meta.json)"),
         (["{ckpt}", "{tmp}/out", "--config", "{tmp}/missing.yaml"], "no run config at"),
         (["{ckpt}", "{tmp}"], "already exists"),
+        (["{ckpt}", "{tmp}/out", "--tokenizer", "{tmp}/nowhere"], "--tokenizer must be a local tokenizer folder"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_output(trained_run, tmp_path, capsys, argv, message):
@@ -131,3 +139,32 @@ def test_export_round_trip_keeps_clip_and_method(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 13))
     with torch.no_grad():  # not bit-equal in fp64: from_pretrained keeps the rotary inv_freq buffer in fp32
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-14)
+
+
+@pytest.fixture
+def ntp_export(tmp_path):
+    model = patch_model(tiny_qwen3(), TTTConfig(method="ntp", layers=[1], chunk_size=4)).eval()
+    randomize_ttt_parameters(model)
+    save_ttt_model(model, tmp_path / "export")
+    return model, tmp_path / "export"
+
+
+def test_plain_transformers_refuses_an_export_without_trust_remote_code(ntp_export, monkeypatch):
+    """Never the base model without its fast weights: transformers does not know the folder's model type, so it
+    asks for trust_remote_code (a ValueError where it cannot ask, as in CI; the timeout 0 skips its prompt)."""
+    monkeypatch.setattr(transformers.dynamic_module_utils, "TIME_OUT_REMOTE_CODE", 0)
+    for load in (AutoModelForCausalLM.from_pretrained, AutoConfig.from_pretrained):
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            load(ntp_export[1])
+
+
+def test_an_export_reads_as_its_base_model_for_continued_training(ntp_export):
+    """`model=hf model.path=EXPORT` builds the base architecture from the folder (no remote code runs) and loads
+    its TTT weights into the run's patched model."""
+    model, folder = ntp_export
+    spec = ModelConfig(name="hf", family="qwen3", path=str(folder), dtype="float64", config={})
+    rebuilt = build_model(spec, model.ttt_config, torch.device("cpu"), seed=1).eval()
+    assert type(rebuilt.config) is Qwen3Config and rebuilt.config.architectures == ["Qwen3ForCausalLM"]
+    ids = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits, rtol=0, atol=1e-14)

@@ -1,17 +1,9 @@
-"""Hugging Face folders of TTT models: the base model's config.json and safetensors shards, plus the TTT
-settings as config.json fields named as in the In-Place TTT release (ByteDance Seed, ICLR 2026).
+"""Hugging Face folders of TTT models: the base model's config.json and safetensors shards, the TTT settings as
+config.json fields named as in the In-Place TTT release (trainer/export/fields.py), and the code that loads the
+folder with `trust_remote_code=True` where this package is not installed (trainer/export/remote_code.py).
 
-The release's Qwen3/Llama configs carry `ttt_mode`, `ttt_layers`, `ttt_chunk`, `ttt_lr`, `ttt_proj` and
-`ttt_target` ("hidden_states" | "input_embed"); its fast-weight MLPs name their weights exactly as
-`FastWeightMLP` does (`model.layers.<i>.mlp.ttt_conv.weight`, a depthwise kernel-5 Conv1d applied per
-chunk, and `model.layers.<i>.mlp.ttt_proj.weight`, used as `T @ P`), so weights need no renaming. It only
-implements In-Place TTT with the raw write, so four fields are ours and default to the release's behaviour
-when absent:
-
-    ttt_method       TTTConfig.method       absent: "inplace"
-    ttt_conv_kernel  TTTConfig.conv_kernel  absent: 5
-    ttt_clip_tau     TTTConfig.clip         absent, null or <= 0: no clip (the name of a release fork's field)
-    ttt_write        TTTConfig.write        absent: "raw" (the release's dW_c = eta V_c^T Z_c)
+`load_ttt_model` reads both what `save_ttt_model` writes and the release's folders (its base config with the
+`ttt_*` fields, no code) with this package's own code.
 """
 
 from __future__ import annotations
@@ -20,64 +12,30 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
+from trainer.export.fields import ttt_config_fields, ttt_config_from_fields
+from trainer.export.remote_code import read_config, write_remote_code
 from trainer.materialize import Materializer, load_pretrained
 from trainer.ttt import TTTConfig, patch_model
 from trainer.ttt.patch import decoder_of
 
-_RELEASE_TARGETS = {"hidden": "hidden_states", "embed": "input_embed"}
-
-
-def ttt_config_fields(cfg: TTTConfig, num_layers: int) -> dict:
-    """config.json fields describing `cfg` for a model of `num_layers` decoder layers."""
-    return {
-        "ttt_mode": cfg.method != "none",
-        "ttt_layers": cfg.layer_indices(num_layers),
-        "ttt_chunk": cfg.chunk_size,
-        "ttt_lr": cfg.lr,
-        "ttt_proj": cfg.proj,
-        "ttt_target": _RELEASE_TARGETS[cfg.target_source],
-        "ttt_method": cfg.method,
-        "ttt_conv_kernel": cfg.conv_kernel,
-        "ttt_clip_tau": cfg.clip,
-        "ttt_write": cfg.write,
-    }
-
-
-def ttt_config_from_fields(config) -> TTTConfig:
-    """The TTTConfig of a transformers config carrying our fields or the release's (see the module doc)."""
-    if not getattr(config, "ttt_mode", False):
-        return TTTConfig(method="none")
-    targets = {release: ours for ours, release in _RELEASE_TARGETS.items()}
-    target = getattr(config, "ttt_target", "hidden_states")
-    if target not in targets:
-        raise ValueError(f"ttt_target must be one of {', '.join(targets)}, got {target!r}")
-    tau = getattr(config, "ttt_clip_tau", None)
-    return TTTConfig(
-        method=getattr(config, "ttt_method", "inplace"),
-        layers=list(config.ttt_layers),
-        chunk_size=int(config.ttt_chunk),
-        lr=float(config.ttt_lr),
-        conv_kernel=int(getattr(config, "ttt_conv_kernel", 5)),
-        proj=bool(getattr(config, "ttt_proj", True)),
-        target_source=targets[target],
-        clip=float(tau) if tau is not None and tau > 0 else None,
-        write=getattr(config, "ttt_write", "raw"),
-    )
+__all__ = ["load_ttt_model", "save_ttt_model", "ttt_config_fields", "ttt_config_from_fields"]
 
 
 def save_ttt_model(model, folder: Path, max_shard_size: str | int = "5GB") -> None:
-    """Write `model` (patched or not) as a Hugging Face folder; the TTT fields are added to `model.config`."""
+    """Write `model` (patched or not) as a self-contained Hugging Face folder; the TTT fields are added to
+    `model.config`."""
     cfg = getattr(model, "ttt_config", TTTConfig(method="none"))
     model.config.update(ttt_config_fields(cfg, len(decoder_of(model).layers)))
     model.save_pretrained(folder, max_shard_size=max_shard_size)
+    write_remote_code(Path(folder), model)
 
 
 def load_ttt_model(folder: Path, dtype: torch.dtype | str = "auto", clip: float | None = None):
     """The patched model of a folder written by `save_ttt_model` or by the In-Place TTT release, in eval
     mode. `clip` sets the inference-only tau (overriding the folder's); `dtype` "auto" is the folder's."""
-    config = AutoConfig.from_pretrained(folder)
+    config = read_config(folder)
     ttt_cfg = ttt_config_from_fields(config)
     if clip is not None:
         ttt_cfg = dataclasses.replace(ttt_cfg, clip=clip)

@@ -12,8 +12,10 @@ import struct
 from pathlib import Path
 
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from trainer.export.remote_code import base_config_fields, read_config
 
 _INDEX = "model.safetensors.index.json"
 
@@ -36,13 +38,14 @@ def read_model_config(folder: str) -> PretrainedConfig:
         fields = json.loads(config_file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_file}: not valid JSON ({_first_line(err)})") from None
-    model_type = fields.get("model_type") if isinstance(fields, dict) else None
+    # an exported folder (trainer/export/) is read as its base architecture
+    model_type = base_config_fields(fields).get("model_type") if isinstance(fields, dict) else None
     if not isinstance(model_type, str):
         raise ValueError(f"{config_file}: no model_type")
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"{config_file}: model_type {model_type!r} is not a model type transformers knows")
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        return read_config(path)
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise ValueError(f"{config_file}: {_first_line(err)}") from None
 
