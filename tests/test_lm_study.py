@@ -26,8 +26,11 @@ def test_the_grid_runs_scores_and_reports_every_arm(tmp_path, capsys):
         assert run["steps"] == 2 and (run["window"], run["reach"], run["length"]) == (16, 32, 128)
         assert all(math.isfinite(run["regions"][region]) for region in ("within", "reach", "beyond")), arm
         assert run["documents"] > 0 and [b["end"] for b in run["buckets"]] == list(range(16, 129, 16))
-    table = (out / "report.md").read_text().splitlines()
+    table, by_position = (out / "report.md").read_text().split("\n\n")
+    table, by_position = table.splitlines(), by_position.splitlines()
     assert len(table) == 2 + len(DEFAULT_ARMS) and "beyond the reach [32, 128)" in table[0]
+    assert by_position[0].endswith("| [0, 16) | [16, 32) | [32, 64) | [64, 128) |") and len(by_position) == 6
+    assert [line.split(" | ")[0] for line in by_position[2:]] == ["| global", "| nomem", "| ntp", "| inplace"]
     assert table[2].startswith("| none | 0 |") and table[3].startswith("| global | 0 |")
     shares = [line.split(" | ")[7] for line in table[2:]]  # "-" when, after two steps, global is not below none
     assert shares[0] in ("0.0%", "-") and shares[1] in ("100.0%", "-")
@@ -38,6 +41,12 @@ def test_the_grid_runs_scores_and_reports_every_arm(tmp_path, capsys):
     again = run_grid(out, ["ntp"], [0], TINY, jobs=1, reference="global")["runs"]
     assert again["ntp"][0]["regions"] == runs["ntp"][0]["regions"] and list(again) == list(DEFAULT_ARMS)
     assert metrics.stat().st_mtime_ns == stamp  # kept, not retrained
+
+    main(["speed", "--out", str(out), "--arms", "none,ntp", "--steps", "1", "--", *TINY])
+    table = (out / "report.md").read_text().split("\n\n")[0].splitlines()
+    assert "train tokens/s, one core, alone" in table[0] and len(table) == 2 + len(DEFAULT_ARMS)
+    speed = [line.split(" | ")[8] for line in table[2:]]
+    assert float(speed[0].replace(",", "")) > 0 and speed[1] == "-"  # none measured, global not asked for
 
     capsys.readouterr()
     data = out / "data"

@@ -1,12 +1,18 @@
-"""What the benchmarks and GPU checks measure with: the peak tensor memory of one step, and a device sync."""
+"""What the benchmarks, GPU checks and studies measure with: the peak tensor memory of one step, a device sync, and the
+seconds of training steps of a job built in this process."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+
+from trainer.config import JobConfig
+from trainer.data import SequenceLoader, build_dataset
+from trainer.loop import Training, build_training, setup_ranks, train_step
 
 MIB = 2**20
 
@@ -40,3 +46,19 @@ def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     step()
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def train_step_seconds(job: JobConfig, steps: int, warmup: int) -> tuple[Training, list[float]]:
+    """Build the job's training as the trainer does, in this process (one rank), and time `trainer.loop.train_step`
+    on the job's own data: the seconds of `steps` steps after `warmup` untimed ones, and the training it built."""
+    ranks = setup_ranks(1)
+    training = build_training(job, ranks)
+    vocab_size = training.model.config.vocab_size
+    dataset = build_dataset(job.data.name, job.data.seq_len, vocab_size, job.seed, job.data.options)
+    loader = SequenceLoader(dataset, job.data.batch_size, 0, 1)
+    seconds = []
+    for _ in range(warmup + steps):
+        began = time.perf_counter()
+        train_step(training.step_model, training.optimizer, loader, job, ranks)
+        seconds.append(time.perf_counter() - began)
+    return training, seconds[warmup:]

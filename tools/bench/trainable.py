@@ -14,15 +14,13 @@ on an otherwise idle machine; the ratio column divides by the `all` row of the s
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 from tools.cli import OneLineErrorParser, positive_int
+from tools.measure import train_step_seconds
 from trainer.compose import compose_config
 from trainer.config import job_config
-from trainer.data import SequenceLoader, build_dataset
-from trainer.loop import build_training, setup_ranks, train_step
 from trainer.ttt.patch import decoder_of
 
 TRAINABLE = ("all", "ttt")
@@ -42,21 +40,12 @@ def _lowest_trained_layer(model: torch.nn.Module) -> int | None:
 
 
 def time_steps(overrides: list[str], steps: int) -> dict:
-    job = job_config(compose_config(overrides))
-    ranks = setup_ranks(1)
-    training = build_training(job, ranks)
+    training, seconds = train_step_seconds(job_config(compose_config(overrides)), steps, warmup=1)
     model = training.model
-    dataset = build_dataset(job.data.name, job.data.seq_len, model.config.vocab_size, job.seed, job.data.options)
-    loader = SequenceLoader(dataset, job.data.batch_size, 0, 1)
-    seconds = []
-    for _ in range(steps + 1):
-        began = time.perf_counter()
-        train_step(training.step_model, training.optimizer, loader, job, ranks)
-        seconds.append(time.perf_counter() - began)
     layers = len(decoder_of(model).layers)
     lowest = _lowest_trained_layer(model)
     return {
-        "step_s": statistics.median(seconds[1:]),
+        "step_s": statistics.median(seconds),
         "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "backward_layers": 0 if lowest is None else layers - lowest,
         "layers": layers,

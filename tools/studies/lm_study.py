@@ -2,6 +2,7 @@
 
     python -m tools.studies.lm_study run --out runs/lm_study        # the whole grid: data, runs, scores, report
     python -m tools.studies.lm_study run --out runs/lm_study --arms full --seeds 0   # one more arm, in the report
+    python -m tools.studies.lm_study speed --out runs/lm_study      # each arm's tokens/s alone, into the report
     python -m tools.studies.lm_study score runs/lm_study/runs/ntp-seed0 --data docs.jsonl \\
         --tokenizer runs/lm_study/data/bpe4096
 
@@ -20,7 +21,8 @@ The report (OUT/report.md, OUT/report.json, OUT/heldout_nll.png) covers every fi
 the held-out NLL within the window [0, W), between the window and the attention's reach [W, R) (R = layers x W:
 what stacked windows can see) and beyond the reach [R, S), mean +- sd over seeds, the per-seed differences to
 `none` and to `nomem` beyond the reach, training tokens/s, and the share of the reference arm's gain beyond the
-reach that the arm recovers, (NLL_none - NLL_arm) / (NLL_none - NLL_reference).
+reach that the arm recovers, (NLL_none - NLL_arm) / (NLL_none - NLL_reference); and a second table of each arm's
+NLL minus none's by position ([0, W), [W, R), then spans doubling from R).
 
 `score` measures one run's last checkpoint (or a given checkpoints/step-N) on any documents (a JSONL with "text",
 or anything `ttt-prepare-data` reads) in the same position buckets, prints the three regions and, with --out,
@@ -39,6 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from tools.cli import OneLineErrorParser, names_from, positive_int
@@ -50,7 +53,6 @@ from trainer.data.prepare import prepare
 from trainer.tracking import write_json_atomically
 
 EXPERIMENT = "stdlib_lm"
-# arm -> ttt-train overrides; the TTT arms use the experiment's layers and chunk size (conf/experiment/stdlib_lm.yaml)
 ARMS = {  # arm -> ttt-train overrides; the TTT arms use the experiment's layers, source and chunk size
     "none": ["ttt=none"],
     "global": ["ttt=none"],  # + the last layer's attention global (`arm_overrides`)
@@ -62,6 +64,8 @@ ARMS = {  # arm -> ttt-train overrides; the TTT arms use the experiment's layers
 # `full` (every layer global) learns too slowly at this budget to be a reference (docs/lm_study.md): not run by default
 DEFAULT_ARMS = ("none", "global", "nomem", "ntp", "inplace")
 REGIONS = ("within", "reach", "beyond")
+LAST_STEPS = 50  # the train loss column: the mean of the last steps (one step's batch is a few documents)
+SPEED = "speed.json"
 _REGION_TITLES = {"within": "within the window", "reach": "window to reach", "beyond": "beyond the reach"}
 VOCAB_SIZE = 4096
 
@@ -101,11 +105,13 @@ def region_means(buckets: list[dict], geometry: dict[str, int]) -> dict[str, flo
     """Token-weighted mean NLL of the buckets in [0, W), [W, R) and [R, S)."""
     spans = {"within": (0, geometry["window"]), "reach": (geometry["window"], geometry["reach"]),
              "beyond": (geometry["reach"], geometry["length"])}  # fmt: skip
-    means = {}
-    for region, (lo, hi) in spans.items():
-        part = [b for b in buckets if lo <= b["start"] and b["end"] <= hi and b["tokens"]]
-        means[region] = sum(b["nll"] * b["tokens"] for b in part) / sum(b["tokens"] for b in part) if part else None
-    return means
+    return {region: span_mean(buckets, lo, hi) for region, (lo, hi) in spans.items()}
+
+
+def span_mean(buckets: list[dict], lo: int, hi: int) -> float | None:
+    """Token-weighted mean NLL of the buckets inside positions [lo, hi)."""
+    part = [b for b in buckets if lo <= b["start"] and b["end"] <= hi and b["tokens"]]
+    return sum(b["nll"] * b["tokens"] for b in part) / sum(b["tokens"] for b in part) if part else None
 
 
 def score(target: Path, data: str, tokenizer: Path, documents: int | None = None) -> dict:
@@ -215,9 +221,10 @@ def finished_runs(out: Path) -> dict[str, list[dict]]:
 
 def write_report(out: Path, reference: str, wall_seconds: int | None = None) -> dict:
     results = finished_runs(out)
-    report = {"reference": reference, "runs": results, "wall_seconds": wall_seconds}
+    speed = json.loads((out / SPEED).read_text()) if (out / SPEED).is_file() else None
+    report = {"reference": reference, "runs": results, "speed": speed, "wall_seconds": wall_seconds}
     write_json_atomically(out / "report.json", report)
-    (out / "report.md").write_text(report_table(results, reference) + "\n")
+    (out / "report.md").write_text(report_table(results, reference, speed) + "\n\n" + position_table(results) + "\n")
     plot_nll(results, out / "heldout_nll.png")
     return report
 
@@ -228,7 +235,8 @@ def summary(run_dir: Path) -> dict:
     rates = [r["tokens_per_s"] for r in records[min(10, len(records) - 1) :]]  # past the first steps' warm-up
     scored = json.loads((run_dir / "heldout_nll.json").read_text())
     return {
-        "run": run_dir.name, "steps": records[-1]["step"], "final_loss": records[-1]["loss"],
+        "run": run_dir.name, "steps": records[-1]["step"],
+        "train_loss": statistics.mean(r["loss"] for r in records[-LAST_STEPS:]),
         "tokens_per_s": statistics.median(rates), "regions": scored["regions"], "buckets": scored["buckets"],
         "window": scored["window"], "reach": scored["reach"], "length": scored["length"],
         "documents": scored["documents"], **json.loads((run_dir / "done.json").read_text()),
@@ -259,16 +267,20 @@ def recovered_share(runs: list[dict], none: list[dict], reference: list[dict]) -
     return (mean["none"] - mean["arm"]) / gap if gap > 0 else None
 
 
-def report_table(results: dict[str, list[dict]], reference: str) -> str:
+def report_table(results: dict[str, list[dict]], reference: str, speed: dict | None = None) -> str:
     """Markdown: per arm the held-out NLL by region (mean ± sd over seeds), the per-seed differences beyond the
-    reach to `none` and to `nomem`, the share of the reference arm's gain beyond the reach, and speed."""
+    reach to `none` and to `nomem`, the share of the reference arm's gain beyond the reach, and speed: measured
+    alone (`speed`, OUT/speed.json) when there is such a measurement, else the runs' own median (two runs shared
+    the machine, and whatever else ran on it)."""
     first = next(iter(results.values()))[0]
     w, r, s = first["window"], first["reach"], first["length"]
     none, nomem, ref = results.get("none"), results.get("nomem"), results.get(reference)
     head = [
         "arm", "seeds", f"NLL within the window [0, {w})", f"window to reach [{w}, {r})",
         f"beyond the reach [{r}, {s})", "beyond, minus none's (per seed)", "beyond, minus nomem's (per seed)",
-        f"share of {reference}'s gain beyond the reach", "train tokens/s", "final train loss",
+        f"share of {reference}'s gain beyond the reach",
+        "train tokens/s, one core, alone" if speed else "train tokens/s (runs' median)",
+        f"train loss, last {LAST_STEPS} steps",
     ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for arm, runs in results.items():
@@ -277,11 +289,67 @@ def report_table(results: dict[str, list[dict]], reference: str) -> str:
             arm, ",".join(str(run["seed"]) for run in runs),
             *(_mean_sd([run["regions"][region] for run in runs]) for region in REGIONS),
             _differences(runs, none), _differences(runs, nomem), "-" if share is None else f"{share:.1%}",
-            f"{statistics.mean(run['tokens_per_s'] for run in runs):,.0f}",
-            _mean_sd([run["final_loss"] for run in runs]),
+            _speed(arm, runs, speed), _mean_sd([run["train_loss"] for run in runs]),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def position_spans(window: int, reach: int, length: int) -> list[tuple[int, int]]:
+    """[0, W), [W, R), then spans doubling from the reach to the sequence's end: [R, 2R), [2R, 4R), ..."""
+    spans, lo = [(0, window), (window, reach)], reach
+    while lo < length:
+        spans.append((lo, min(2 * lo, length)))
+        lo = spans[-1][1]
+    return spans
+
+
+def position_table(results: dict[str, list[dict]]) -> str:
+    """Markdown: each arm's held-out NLL minus none's by position, seed by seed then averaged over the seeds: where
+    along a document an arm gains (a gain that grows with position is memory; a flat one is capacity)."""
+    none = {run["seed"]: run for run in results.get("none", [])}
+    first = next(iter(results.values()))[0]
+    spans = position_spans(first["window"], first["reach"], first["length"])
+    lines = ["| NLL minus none's, by position | " + " | ".join(f"[{lo}, {hi})" for lo, hi in spans) + " |",
+             "|---|" + "---:|" * len(spans)]  # fmt: skip
+    for arm, runs in results.items():
+        paired = [run for run in runs if run["seed"] in none]
+        if arm == "none" or not paired:
+            continue
+        cells = []
+        for lo, hi in spans:
+            gaps = [
+                span_mean(run["buckets"], lo, hi) - span_mean(none[run["seed"]]["buckets"], lo, hi) for run in paired
+            ]
+            cells.append(f"{statistics.mean(gaps):+.3f}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _speed(arm: str, runs: list[dict], speed: dict | None) -> str:
+    if speed is None:
+        return f"{statistics.mean(run['tokens_per_s'] for run in runs):,.0f}"
+    return f"{speed[arm]['tokens_per_s']:,.0f}" if arm in speed else "-"
+
+
+def measure_speed(out: Path, arms: list[str], overrides: list[str], steps: int) -> dict:
+    """Training tokens/s of each arm alone, one thread (as each grid run had one core): the median of `steps` steps
+    after 3 warm-up steps, the arms one after another; kept in OUT/speed.json."""
+    from tools.measure import train_step_seconds
+    from trainer.compose import job_of
+
+    torch.set_num_threads(1)
+    data = prepare_study_data(out / "data")
+    measured = json.loads((out / SPEED).read_text()) if (out / SPEED).is_file() else {}
+    for arm in arms:
+        job = job_of([f"experiment={EXPERIMENT}", *arm_overrides(arm, overrides),
+                      f"data.sources=[{{path:{data['train_tokens'].resolve()}}}]", *overrides])  # fmt: skip
+        _, seconds = train_step_seconds(job, steps, warmup=3)
+        tokens = job.data.seq_len * job.data.batch_size / statistics.median(seconds)
+        measured[arm] = {"tokens_per_s": tokens, "steps": steps}
+        _say(f"{arm}: {tokens:,.0f} tokens/s")
+    write_json_atomically(out / SPEED, measured)
+    return measured
 
 
 def plot_nll(results: dict[str, list[dict]], path: Path) -> None:
@@ -340,6 +408,12 @@ def main(argv: list[str] | None = None) -> None:
     grid.add_argument("--jobs", type=positive_int, default=2, help="runs at a time (the cores are split among them)")
     grid.add_argument("--reference", choices=list(ARMS), default="global", help="the arm whose gain the share is of")
     grid.add_argument("overrides", nargs="*", help="ttt-train overrides for every run (after --)")
+    timing = commands.add_parser("speed", help="training tokens/s of each arm alone, then the report again")
+    timing.add_argument("--out", type=Path, required=True, help="the grid's folder")
+    timing.add_argument("--arms", type=names_from(tuple(ARMS)), default=list(DEFAULT_ARMS), help="comma-separated")
+    timing.add_argument("--steps", type=positive_int, default=20, help="timed steps per arm")
+    timing.add_argument("--reference", choices=list(ARMS), default="global", help="as for run")
+    timing.add_argument("overrides", nargs="*", help="ttt-train overrides, as given to run (after --)")
     one = commands.add_parser("score", help="held-out NLL by position of one run or checkpoint")
     one.add_argument("target", type=Path, help="a run directory (its last checkpoint) or a checkpoints/step-N")
     one.add_argument("--data", required=True, help="documents: a JSONL with a 'text' field, or what prepare_data reads")
@@ -354,11 +428,16 @@ def main(argv: list[str] | None = None) -> None:
                 write_json_atomically(args.out, scored)
             print(json.dumps({"documents": scored["documents"], **scored["regions"]}))
             return
-        report = run_grid(args.out, args.arms, args.seeds, args.overrides, args.jobs, args.reference)
+        if args.command == "speed":
+            measure_speed(args.out, args.arms, args.overrides, args.steps)
+            report = write_report(args.out, args.reference)
+        else:
+            report = run_grid(args.out, args.arms, args.seeds, args.overrides, args.jobs, args.reference)
     except (ValueError, DataError, OSError, RuntimeError) as err:
         parser.exit(1, f"lm_study: error: {str(err).splitlines()[0]}\n")
-    print(report_table(report["runs"], report["reference"]))
-    _say(f"grid done in {report['wall_seconds']} s; report: {args.out / 'report.md'}")
+    print(report_table(report["runs"], report["reference"], report["speed"]) + "\n\n" + position_table(report["runs"]))
+    took = f"grid done in {report['wall_seconds']} s; " if report["wall_seconds"] is not None else ""
+    _say(f"{took}report: {args.out / 'report.md'}")
 
 
 if __name__ == "__main__":
