@@ -60,7 +60,7 @@ QUICK_REPEATS = 2
 MEMORY_RATIO_LIMIT = 0.25
 TIME_RATIO_LIMIT = 1.0
 LR = 0.01
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ from trainer.planning.memory import GIB, Plan, activations_of, meta_model, model
 from trainer.planning.step_time import builtin_rates, model_flops, predict_step
 from trainer.ttt.patch import decoder_of
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NO_GPU_LINE = "no CUDA GPU found: ran the CPU checks only; the measurements need a GPU"
 BF16_TOLERANCE = 2e-2  # a bf16 kernel against fp64: its outputs and gradients round to 8 bits
 FP32_TOLERANCE = 1e-4
