@@ -49,7 +49,9 @@ def run_without_package(code: str, *args: str, cwd: Path, timeout: int = 600) ->
     prelude = f"""
 import importlib.util, sys
 sys.path += {installed!r}
-assert not any(p and {str(REPO)!r} in p for p in sys.path), sys.path
+from pathlib import Path
+repo = Path({str(REPO)!r})
+assert not any(p and (repo == Path(p).resolve() or repo in Path(p).resolve().parents) for p in sys.path), sys.path
 for name in ("trainer", "parallel", "tools"):
     assert importlib.util.find_spec(name) is None, name + " is importable"
 try:
@@ -59,7 +61,7 @@ except ImportError:
 else:
     raise SystemExit("import trainer worked")
 """
-    assert not str(cwd).startswith(str(REPO))
+    assert REPO not in (cwd, *cwd.parents)
     offline = {"HF_HOME": str(cwd / "hf_home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env = {**os.environ, **offline, "OMP_NUM_THREADS": "1"}  # a tiny model: one thread is fastest, never stalled
     return subprocess.run(
